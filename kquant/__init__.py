@@ -1,0 +1,29 @@
+"""kquant: quantization-aware training for Keras 3.
+
+Quantized layers (:mod:`kquant.layers`) apply a forward quantizer
+(:mod:`kquant.quantizers`) whose backward pass is a pluggable gradient
+estimator (:mod:`kquant.estimators`, entry-point group ``kquant.estimators``).
+"""
+
+from kquant import estimators, quantizers, staircase
+from kquant.layers import (
+    QuantConv1D,
+    QuantConv2D,
+    QuantDense,
+    QuantDepthwiseConv2D,
+)
+from kquant.quantizers import Quantizer, quantizer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "QuantConv1D",
+    "QuantConv2D",
+    "QuantDense",
+    "QuantDepthwiseConv2D",
+    "Quantizer",
+    "estimators",
+    "quantizer",
+    "quantizers",
+    "staircase",
+]

@@ -1,0 +1,113 @@
+"""Base classes of gradient estimators (the backward half of a quantizer).
+
+An estimator replaces ``d step/dz`` of the quantizer's staircase (see
+:mod:`kquant.staircase`). Three kinds share one base class:
+
+* **elementwise** (:class:`ElementwiseEstimator`): a surrogate slope
+  ``F'(s)`` of the normalised boundary distance ``s``; ``g_z = g_q · F'(s)``.
+* **whole-tensor**: override :meth:`Estimator.gradient`, which sees the whole
+  upstream gradient and the forward context (e.g. ManiQuant's ``t (tᵀg)``).
+  Set ``uses_latent = True`` to also receive the quantizer's latent input
+  ``x`` and return a gradient for it.
+* **stateful**: create variables in :meth:`build` (e.g. EWGS's δ); the
+  estimator is a Keras layer owned by its quantizer, so they are tracked,
+  saved and restored with the model.
+
+Everything the backward pass needs is computed in :meth:`context` during the
+forward pass (variables are read there), so the gradient function only sees
+tensors, as ``keras.ops.custom_gradient`` requires on every backend.
+"""
+
+from __future__ import annotations
+
+import keras
+from keras import ops
+
+
+class Estimator(keras.layers.Layer):
+    """Backward rule of a quantizer's discrete step."""
+
+    #: ``True``: :meth:`gradient` also receives ``x`` and returns ``(g_z, g_x)``.
+    uses_latent = False
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("trainable", True)
+        super().__init__(**kwargs)
+
+    def build(self, input_shape=None):
+        self.built = True
+
+    # -- forward -------------------------------------------------------------
+    def context(self, z, q, staircase, x=None, training=None):
+        """Tensors the backward pass needs, computed in the forward pass."""
+        return {"z": z, "q": q, "s": staircase.distance(z), "x": x}
+
+    def step(self, z, staircase, x=None, training=None):
+        """``staircase.hard(z)`` forward, :meth:`gradient` backward."""
+        z = ops.convert_to_tensor(z)
+        if self.uses_latent:
+            x = ops.convert_to_tensor(x)
+
+            @ops.custom_gradient
+            def fn(z, x):
+                q = staircase.hard(z)
+                ctx = self.context(z, q, staircase, x=x, training=training)
+
+                def grad(*args, upstream=None):
+                    upstream = args[0] if upstream is None else upstream
+                    g_z, g_x = self.gradient(upstream, ctx)
+                    return g_z, g_x
+
+                return q, grad
+
+            return fn(z, x)
+
+        @ops.custom_gradient
+        def fn(z):
+            q = staircase.hard(z)
+            ctx = self.context(z, q, staircase, x=None, training=training)
+
+            def grad(*args, upstream=None):
+                upstream = args[0] if upstream is None else upstream
+                return (self.gradient(upstream, ctx),)
+
+            return q, grad
+
+        return fn(z)
+
+    # -- backward ------------------------------------------------------------
+    def gradient(self, upstream, ctx):
+        """``∂ℓ/∂z`` from ``upstream = ∂ℓ/∂q`` (and ``∂ℓ/∂x`` if ``uses_latent``)."""
+        raise NotImplementedError
+
+    def get_config(self):
+        return {}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+    def __repr__(self):
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
+        return f"{type(self).__name__}({args})"
+
+
+class ElementwiseEstimator(Estimator):
+    """``g_z = g_q · F'(s)``: a surrogate slope of the boundary distance ``s``.
+
+    Subclasses implement :meth:`derivative` ``F'(s)`` and, where it has a
+    closed form, :meth:`surrogate` ``F(s)`` (used by tests and by
+    :mod:`kquant.analysis`). ``|s| ≤ 1`` is the representable range.
+    """
+
+    def derivative(self, s):
+        raise NotImplementedError
+
+    def surrogate(self, s):
+        raise NotImplementedError(f"{type(self).__name__} has no closed-form surrogate")
+
+    def context(self, z, q, staircase, x=None, training=None):
+        return {"derivative": self.derivative(staircase.distance(z))}
+
+    def gradient(self, upstream, ctx):
+        return upstream * ops.cast(ctx["derivative"], upstream.dtype)

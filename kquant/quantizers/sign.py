@@ -1,0 +1,64 @@
+"""Binary quantizers: sign and BWN (scaled sign).
+
+* sign: ``Q(x) = +1 if x ≥ 0 else −1`` (Courbariaux et al. 2016).
+* BWN (Rastegari et al. 2016, XNOR-Net): ``Q(W) = mean(|W|)·sign(W)``, the
+  mean over the whole tensor or per output channel (last axis), treated as a
+  constant in the backward pass (as in Larq's MagnitudeAwareSign and
+  MetaQuant's code).
+"""
+
+from keras import ops
+
+from kquant.quantizers.base import Quantizer
+from kquant.staircase import Staircase
+
+_SIGN = Staircase.sign()
+
+
+class Sign(Quantizer):
+    """sign(x) ∈ {−1, +1}, sign(0) = +1 (1 bit)."""
+
+    default_estimator = "clipped_ste"
+
+    @property
+    def precision(self):
+        return 1
+
+    @property
+    def staircase(self):
+        return _SIGN
+
+    def pre(self, x, training=None):
+        return x, {}
+
+    def post(self, q, params):
+        return q
+
+
+class BWN(Quantizer):
+    """BWN scaled sign: mean(|W|)·sign(W), per tensor or per output channel (1 bit + scales)."""
+
+    default_estimator = "clipped_ste"
+
+    def __init__(self, per_channel=False, estimator=None, **kwargs):
+        super().__init__(estimator=estimator, **kwargs)
+        self.per_channel = bool(per_channel)
+
+    @property
+    def precision(self):
+        return 1
+
+    @property
+    def staircase(self):
+        return _SIGN
+
+    def pre(self, x, training=None):
+        axes = tuple(range(len(x.shape) - 1)) if self.per_channel else None
+        scale = ops.mean(ops.abs(x), axis=axes, keepdims=True)
+        return x, {"scale": ops.stop_gradient(scale)}
+
+    def post(self, q, params):
+        return q * params["scale"]
+
+    def get_config(self):
+        return {**super().get_config(), "per_channel": self.per_channel}
