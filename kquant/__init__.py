@@ -5,13 +5,14 @@ Quantized layers (:mod:`kquant.layers`) apply a forward quantizer
 estimator (:mod:`kquant.estimators`, entry-point group ``kquant.estimators``).
 """
 
-from kquant import estimators, quantizers, staircase
+from kquant import datasets, estimators, models, quantizers, staircase
 from kquant.layers import (
     QuantConv1D,
     QuantConv2D,
     QuantDense,
     QuantDepthwiseConv2D,
 )
+from kquant.convert import quantize_model
 from kquant.quantizers import Quantizer, quantizer
 
 __version__ = "0.1.0"
@@ -23,7 +24,10 @@ __all__ = [
     "QuantDepthwiseConv2D",
     "Quantizer",
     "estimators",
+    "quantize_model",
     "quantizer",
+    "datasets",
+    "models",
     "quantizers",
     "staircase",
 ]
