@@ -5,7 +5,7 @@ Quantized layers (:mod:`kquant.layers`) apply a forward quantizer
 estimator (:mod:`kquant.estimators`, entry-point group ``kquant.estimators``).
 """
 
-from kquant import datasets, estimators, models, quantizers, staircase
+from kquant import callbacks, datasets, estimators, models, quantizers, staircase
 from kquant.layers import (
     QuantConv1D,
     QuantConv2D,
@@ -13,6 +13,7 @@ from kquant.layers import (
     QuantDepthwiseConv2D,
 )
 from kquant.convert import quantize_model
+from kquant.summary import summary
 from kquant.quantizers import Quantizer, quantizer
 
 __version__ = "0.1.0"
@@ -23,8 +24,10 @@ __all__ = [
     "QuantDense",
     "QuantDepthwiseConv2D",
     "Quantizer",
+    "callbacks",
     "estimators",
     "quantize_model",
+    "summary",
     "quantizer",
     "datasets",
     "models",

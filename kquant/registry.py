@@ -10,6 +10,7 @@ are found by one mechanism. A plugin whose import fails is recorded in
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import inspect
 import threading
 import warnings
@@ -40,6 +41,19 @@ KNOWN_PROVIDERS = {
     "multifc": "kquant-metaquant (pip install ./plugins/kquant-metaquant)",
     "lstmfc": "kquant-metaquant (pip install ./plugins/kquant-metaquant)",
 }
+
+
+def _distributions_of(group: str) -> dict[tuple[str, str], str]:
+    """(entry-point name, value) -> name of the distribution declaring it."""
+    owners = {}
+    for dist in importlib.metadata.distributions():
+        try:
+            eps = dist.entry_points.select(group=group)
+        except Exception:  # a broken distribution must not hide the others
+            continue
+        for ep in eps:
+            owners[(ep.name, ep.value)] = dist.metadata["Name"]
+    return owners
 
 
 def _first_line(obj) -> str:
@@ -75,10 +89,11 @@ class Registry:
                     invoke_on_load=False,
                     on_load_failure_callback=self._on_failure,
                 )
+                owners = _distributions_of(self.group)
                 plugins = {}
                 for ext in manager.extensions:
-                    dist = getattr(ext.entry_point, "dist", None)
-                    package = dist.name if dist is not None else "?"
+                    ep = ext.entry_point
+                    package = owners.get((ep.name, ep.value), "?")
                     plugins[ext.name] = PluginInfo(
                         ext.name, ext.plugin, package, _first_line(ext.plugin)
                     )

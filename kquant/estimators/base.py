@@ -43,35 +43,38 @@ class Estimator(keras.layers.Layer):
         return {"z": z, "q": q, "s": staircase.distance(z), "x": x}
 
     def step(self, z, staircase, x=None, training=None):
-        """``staircase.hard(z)`` forward, :meth:`gradient` backward."""
+        """``staircase.hard(z)`` forward, :meth:`gradient` backward.
+
+        The context is built outside the custom-gradient function (TF's
+        ``custom_gradient`` may not read variables inside it) and closed over.
+        """
         z = ops.convert_to_tensor(z)
+        q = staircase.hard(ops.stop_gradient(z))
         if self.uses_latent:
             x = ops.convert_to_tensor(x)
+            ctx = self.context(ops.stop_gradient(z), q, staircase,
+                               x=ops.stop_gradient(x), training=training)
 
             @ops.custom_gradient
             def fn(z, x):
-                q = staircase.hard(z)
-                ctx = self.context(z, q, staircase, x=x, training=training)
-
                 def grad(*args, upstream=None):
                     upstream = args[0] if upstream is None else upstream
                     g_z, g_x = self.gradient(upstream, ctx)
                     return g_z, g_x
 
-                return q, grad
+                return staircase.hard(z), grad
 
             return fn(z, x)
 
+        ctx = self.context(ops.stop_gradient(z), q, staircase, x=None, training=training)
+
         @ops.custom_gradient
         def fn(z):
-            q = staircase.hard(z)
-            ctx = self.context(z, q, staircase, x=None, training=training)
-
             def grad(*args, upstream=None):
                 upstream = args[0] if upstream is None else upstream
                 return (self.gradient(upstream, ctx),)
 
-            return q, grad
+            return staircase.hard(z), grad
 
         return fn(z)
 

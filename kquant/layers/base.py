@@ -7,7 +7,10 @@ A quantized layer keeps a latent float kernel, and in ``call`` uses
 
 from __future__ import annotations
 
+import math
+
 from kquant import quantizers
+from kquant.accounting import LayerStats
 
 
 class QuantizedLayerMixin:
@@ -47,3 +50,31 @@ class QuantizedLayerMixin:
             "input_quantizer": quantizers.serialize(self.input_quantizer),
             "estimator": self.estimator,
         }
+
+    def quantization_stats(self) -> LayerStats:
+        """Storage and MACs of this layer (kernel at its quantizer's precision)."""
+        shape = tuple(self.latent_kernel.shape)
+        n = math.prod(shape)
+        kq, iq = self.kernel_quantizer, self.input_quantizer
+        others = sum(math.prod(v.shape) for v in self.weights if v is not self.latent_kernel
+                     and not _belongs_to(v, kq))
+        try:
+            out_shape = self.output.shape
+            spatial = math.prod(d for d in out_shape[1:-1] if d is not None)
+        except (AttributeError, ValueError):
+            spatial = 1
+        return LayerStats(
+            name=self.name,
+            kind=type(self).__name__,
+            kernel_params=n,
+            kernel_bits=float(kq.precision) if kq is not None else 32.0,
+            float_params=others,
+            extra_bits=kq.extra_bits(shape) if kq is not None else 0,
+            input_bits=float(iq.precision) if iq is not None else None,
+            macs=n * spatial,
+            notes=type(kq).__name__ if kq is not None else "float kernel",
+        )
+
+
+def _belongs_to(variable, quantizer):
+    return quantizer is not None and any(variable is w for w in quantizer.weights)

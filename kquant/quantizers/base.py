@@ -52,6 +52,10 @@ class Quantizer(keras.layers.Layer):
     def post(self, q, params):
         raise NotImplementedError
 
+    def extra_bits(self, shape) -> int:
+        """Bits of float parameters stored beside the codes (scales, steps) for ``shape``."""
+        return 0
+
     # -- Keras layer -----------------------------------------------------------
     def build(self, input_shape):
         if not self.estimator.built:

@@ -60,5 +60,8 @@ class BWN(Quantizer):
     def post(self, q, params):
         return q * params["scale"]
 
+    def extra_bits(self, shape):
+        return 32 * (int(shape[-1]) if self.per_channel else 1)
+
     def get_config(self):
         return {**super().get_config(), "per_channel": self.per_channel}

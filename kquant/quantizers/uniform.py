@@ -80,6 +80,9 @@ class Uniform(Quantizer):
         self.initialized.assign(1.0)
         return base * ops.abs(self.step_scale)
 
+    def extra_bits(self, shape):
+        return 32 * (int(shape[-1]) if self.per_channel else 1)
+
     def pre(self, x, training=None):
         step = self._step(x)
         return (x - self.offset) / step, {"step": step}

@@ -1,0 +1,106 @@
+"""Training callbacks: estimator schedules and quantization diagnostics."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+
+from kquant.estimators.ede import EDE
+from kquant.layers.base import QuantizedLayerMixin
+
+
+def quantized_layers(model):
+    """Every kquant quantized layer in ``model`` (nested models included)."""
+    return [layer for layer in model._flatten_layers(include_self=False)
+            if isinstance(layer, QuantizedLayerMixin)]
+
+
+def estimators_in(model, kind=object):
+    """Every estimator of type ``kind`` used by the model's quantizers."""
+    found = []
+    for layer in quantized_layers(model):
+        for q in (layer.kernel_quantizer, layer.input_quantizer):
+            if q is not None and isinstance(q.estimator, kind) and q.estimator not in found:
+                found.append(q.estimator)
+    return found
+
+
+class EDESchedule(keras.callbacks.Callback):
+    """Drives every EDE estimator's ``t``/``k`` by training progress (IR-Net).
+
+    Progress ``p = step / total_steps`` with ``total_steps = epochs × steps``
+    from ``model.fit`` (or given). ``update="epoch"`` (IR-Net's choice) or
+    ``"batch"``.
+    """
+
+    def __init__(self, total_steps=None, update="epoch"):
+        super().__init__()
+        if update not in ("epoch", "batch"):
+            raise ValueError(f"EDESchedule: `update` must be 'epoch' or 'batch', got {update!r}.")
+        self.total_steps = total_steps
+        self.update = update
+        self._epoch = 0
+
+    def on_train_begin(self, logs=None):
+        self._ede = estimators_in(self.model, EDE)
+        self._steps = self.params.get("steps") or 1
+        self._total = self.total_steps or (self.params.get("epochs", 1) * self._steps)
+
+    def _set(self, step):
+        for est in self._ede:
+            est.set_progress(step / max(self._total, 1))
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+        self._set(epoch * self._steps)
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if self.update == "batch":
+            self._set(self._epoch * self._steps + batch)
+
+
+class FlipRatio(keras.callbacks.Callback):
+    """Share of quantized weights whose level (sign) changed, every ``every`` steps.
+
+    Records ``history`` (overall ratio per measurement) and ``per_layer`` and
+    adds ``flip_ratio`` to the epoch logs (mean over the epoch).
+    """
+
+    def __init__(self, every=1):
+        super().__init__()
+        if int(every) < 1:
+            raise ValueError(f"FlipRatio: `every` must be >= 1, got {every}.")
+        self.every = int(every)
+        self.history: list[float] = []
+        self.per_layer: dict[str, list[float]] = {}
+
+    def _codes(self):
+        return {
+            layer.name: layer.kernel_quantizer.encode(layer.latent_kernel)[0]
+            for layer in quantized_layers(self.model) if layer.kernel_quantizer is not None
+        }
+
+    def on_train_begin(self, logs=None):
+        self._last = self._codes()
+        self._step = 0
+        self._epoch_values = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._step += 1
+        if self._step % self.every:
+            return
+        codes = self._codes()
+        changed = total = 0
+        for name, c in codes.items():
+            diff = int(np.count_nonzero(c != self._last[name]))
+            self.per_layer.setdefault(name, []).append(diff / c.size)
+            changed, total = changed + diff, total + c.size
+        self._last = codes
+        ratio = changed / total if total else 0.0
+        self.history.append(ratio)
+        self._epoch_values.append(ratio)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None and self._epoch_values:
+            logs["flip_ratio"] = float(np.mean(self._epoch_values))
+        self._epoch_values = []

@@ -1,0 +1,78 @@
+"""The ``kquant fit`` job as a function: data → float model → quantized twin → fit."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import keras
+
+from kquant import datasets, models, quantizers
+from kquant.callbacks import EDESchedule, FlipRatio, estimators_in
+from kquant.convert import quantize_model
+from kquant.estimators.ede import EDE
+
+
+@dataclasses.dataclass
+class FitResult:
+    model: keras.Model
+    history: dict
+    test_accuracy: float
+    test_loss: float
+    float_accuracy: float | None = None
+
+
+def make_quantizer(name, bits=None, estimator=None, **kwargs):
+    """A quantizer by name; ``bits`` for the multi-bit ones (error for binary ones)."""
+    if name in (None, "none", "float"):
+        return None
+    cls = quantizers.registry.get_class(name)
+    if bits is not None:
+        if "bits" not in cls.__init__.__code__.co_varnames:
+            if int(bits) != 1:
+                raise ValueError(f"`bits`={bits} does not apply to the 1-bit quantizer {name!r}.")
+        else:
+            kwargs["bits"] = bits
+    return quantizers.get(name, estimator=estimator, **kwargs)
+
+
+def compile_model(model, learning_rate=1e-3):
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    return model
+
+
+def fit(dataset="digits", model="small_convnet", kernel_quantizer="bwn", bits=None,
+        input_quantizer=None, input_bits=None, estimator=None, epochs=10, batch_size=64,
+        learning_rate=1e-3, seed=0, data_dir=None, float_baseline=False, skip_first=False,
+        skip_last=False, verbose=1, callbacks=()):
+    """Train a quantized twin of a reference model; return :class:`FitResult`."""
+    (x, y), (xt, yt) = datasets.load(dataset, data_dir=data_dir)
+    num_classes = int(max(y.max(), yt.max()) + 1)
+    float_accuracy = None
+    if float_baseline:
+        keras.utils.set_random_seed(seed)
+        fm = compile_model(models.build(model, x.shape[1:], num_classes), learning_rate)
+        fm.fit(x, y, epochs=epochs, batch_size=batch_size, verbose=verbose)
+        float_accuracy = float(fm.evaluate(xt, yt, verbose=0)[1])
+    keras.utils.set_random_seed(seed)
+    base = models.build(model, x.shape[1:], num_classes)
+    kq = make_quantizer(kernel_quantizer, bits, estimator)
+    iq = make_quantizer(input_quantizer, input_bits, estimator)
+    qm = compile_model(
+        quantize_model(base, kernel_quantizer=kq, input_quantizer=iq,
+                       skip_first=skip_first, skip_last=skip_last),
+        learning_rate,
+    )
+    cbs = list(callbacks)
+    if estimators_in(qm, EDE):
+        cbs.append(EDESchedule())
+    cbs.append(FlipRatio(every=max(1, len(x) // batch_size // 4)))
+    history = qm.fit(x, y, epochs=epochs, batch_size=batch_size, verbose=verbose,
+                     validation_data=(xt, yt), callbacks=cbs)
+    loss, acc = qm.evaluate(xt, yt, verbose=0)
+    return FitResult(qm, history.history, float(acc), float(loss), float_accuracy)
+
+
