@@ -4,13 +4,21 @@ Each benchmark is a module ``benchmarks/<name>.py`` exposing
 ``run(cfg: BenchConfig) -> Result``; the harness (``python -m benchmarks NAME``
 or ``kquant bench NAME``) writes ``results.json``, ``results.md`` and, when the
 result has a plot, ``plot.png`` under ``<out_dir>/<name>/``.
+
+Distribution is one seam, :func:`strategy_scope`: ``tf.distribute``
+(default / mirrored / TPU) on TensorFlow, ``keras.distribution.DataParallel``
+on JAX. The harness runs every benchmark inside it; build models inside it
+too (``with strategy_scope(cfg): model = ...``) when calling ``run`` directly.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import json
 import math
+import os
 import pathlib
 import platform
 import time
@@ -29,8 +37,17 @@ class BenchConfig:
     tiny: bool = False                 # smoke-test scale (seconds), used by the test suite
     seed: int = 0
     strategy: str = "default"          # default | mirrored | tpu (tf.distribute) | data_parallel (JAX)
-    out_dir: str = "results"
+    out_dir: str = "benchmarks/results"
     max_train: int | None = None       # cap on training examples (quick/tiny scales)
+    options: dict = dataclasses.field(default_factory=dict)  # benchmark-specific (-o KEY=VALUE)
+
+    @property
+    def scale(self) -> str:
+        return "tiny" if self.tiny else ("quick" if self.quick else "full")
+
+    def option(self, key, default=None):
+        """A benchmark-specific setting given as ``-o key=value`` (else ``default``)."""
+        return self.options.get(key, default)
 
     def epochs_or(self, quick, full, tiny=1):
         if self.epochs is not None:
@@ -64,6 +81,9 @@ def load_data(cfg: BenchConfig):
 
 
 def compile_classifier(model, optimizer, **kwargs):
+    """Compile for sparse-label logits; no XLA under MirroredStrategy (it does not support it)."""
+    if not jit_compile_allowed():
+        kwargs.setdefault("jit_compile", False)
     model.compile(
         optimizer=optimizer,
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -105,13 +125,33 @@ def markdown_table(rows, columns=None):
 
 
 def environment():
-    return {
-        "backend": keras.backend.backend(),
+    """Backend, versions, devices and replica count, recorded with every result."""
+    backend = keras.backend.backend()
+    env = {
+        "backend": backend,
         "keras": keras.__version__,
         "python": platform.python_version(),
         "machine": platform.machine(),
         "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
     }
+    try:
+        if backend == "tensorflow":
+            import tensorflow as tf
+
+            env["tensorflow"] = tf.__version__
+            env["devices"] = [d.device_type for d in tf.config.list_logical_devices()]
+        elif backend == "jax":
+            import jax
+
+            env["jax"] = jax.__version__
+            env["devices"] = [d.platform for d in jax.devices()]
+    except Exception:  # pragma: no cover - informational only
+        pass
+    if _ACTIVE:
+        env["strategy"] = _ACTIVE[-1][0]
+        env["replicas"] = _ACTIVE[-1][1]
+    return env
 
 
 def write_result(result: Result, cfg: BenchConfig, command: str | None = None):
@@ -137,3 +177,267 @@ def write_result(result: Result, cfg: BenchConfig, command: str | None = None):
         matplotlib.use("Agg")
         result.plot(folder / "plot.png")
     return folder
+
+
+# -- distribution strategy seam ------------------------------------------------
+STRATEGIES = ("default", "mirrored", "tpu", "data_parallel")
+_BACKEND_STRATEGIES = {
+    "tensorflow": ("default", "mirrored", "tpu"),
+    "jax": ("default", "data_parallel", "tpu"),
+}
+_ACTIVE: list[tuple[str, int]] = []   # (strategy name, replicas) of the scopes entered
+
+
+class MissingPlugin(RuntimeError):
+    """A benchmark needs an estimator/quantizer/module that is not installed."""
+
+
+def require(*names, modules=()):
+    """Raise :class:`MissingPlugin` unless the named estimators/quantizers and modules exist.
+
+    The harness reports such a benchmark as skipped (``NAME=all``, the smoke tests).
+    """
+    import importlib.util
+
+    from kquant import estimators, quantizers
+    from kquant.registry import KNOWN_PROVIDERS
+
+    installed = set(estimators.available()) | set(quantizers.available())
+    for name in names:
+        if name not in installed:
+            hint = KNOWN_PROVIDERS.get(name, "a plugin registering it")
+            raise MissingPlugin(f"{name!r} is not installed; it is provided by {hint}.")
+    for module in modules:
+        if importlib.util.find_spec(module) is None:
+            raise MissingPlugin(f"module {module!r} is not importable.")
+
+
+def check_strategy(name, backend=None) -> str:
+    """Validate ``strategy`` for the backend; the error names the argument."""
+    backend = backend or keras.backend.backend()
+    if name not in STRATEGIES:
+        raise ValueError(f"`strategy` (--strategy) must be one of {', '.join(STRATEGIES)}, got {name!r}.")
+    allowed = _BACKEND_STRATEGIES.get(backend, ("default",))
+    if name not in allowed:
+        hint = {
+            "mirrored": " On JAX use --strategy data_parallel (keras.distribution.DataParallel).",
+            "data_parallel": " On TensorFlow use --strategy mirrored (tf.distribute.MirroredStrategy).",
+        }.get(name, "")
+        raise ValueError(
+            f"`strategy` (--strategy) {name!r} is not available on the {backend} backend; "
+            f"choose one of {', '.join(allowed)}.{hint}"
+        )
+    return name
+
+
+def _split_lone_cpu(tf):
+    """Two logical CPUs when there is one CPU and no GPU, so MirroredStrategy mirrors.
+
+    Only possible before TensorFlow initialises its devices; afterwards the
+    strategy simply has one replica.
+    """
+    if tf.config.list_physical_devices("GPU"):
+        return
+    cpus = tf.config.list_physical_devices("CPU")
+    if len(cpus) == 1 and tf.config.get_logical_device_configuration(cpus[0]) is None:
+        try:
+            tf.config.set_logical_device_configuration(
+                cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2)
+        except RuntimeError:
+            pass
+
+
+@functools.lru_cache(maxsize=None)
+def _tf_strategy(name, tpu_address):
+    import tensorflow as tf
+
+    if name == "default":
+        return tf.distribute.get_strategy()
+    if name == "mirrored":
+        _split_lone_cpu(tf)
+        return tf.distribute.MirroredStrategy()
+    resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu_address)
+    tf.config.experimental_connect_to_cluster(resolver)
+    tf.tpu.experimental.initialize_tpu_system(resolver)
+    return tf.distribute.TPUStrategy(resolver)
+
+
+@functools.lru_cache(maxsize=None)
+def _jax_distribution(name):
+    if name == "default":
+        return None
+    devices = keras.distribution.list_devices("tpu" if name == "tpu" else None)
+    if not devices:
+        raise RuntimeError(f"`strategy` (--strategy) {name!r}: JAX sees no {name} device.")
+    return keras.distribution.DataParallel(devices=devices)
+
+
+def get_strategy(cfg_or_name="default"):
+    """The backend's distribution object for a strategy name (cached per process).
+
+    TensorFlow: a ``tf.distribute.Strategy``; JAX: a
+    ``keras.distribution.DataParallel`` (``None`` for ``default``). TPU
+    address: ``-o tpu=ADDRESS`` or ``$TPU_NAME`` (default ``local``, a TPU VM).
+    """
+    cfg = cfg_or_name if isinstance(cfg_or_name, BenchConfig) else None
+    name = check_strategy(cfg.strategy if cfg else cfg_or_name)
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        tpu = (cfg.option("tpu") if cfg else None) or os.environ.get("TPU_NAME", "local")
+        return _tf_strategy(name, tpu)
+    if backend == "jax":
+        return _jax_distribution(name)
+    return None
+
+
+def num_replicas(strategy) -> int:
+    if strategy is None:
+        return 1
+    if hasattr(strategy, "num_replicas_in_sync"):
+        return int(strategy.num_replicas_in_sync)
+    return int(np.size(strategy.device_mesh.devices))
+
+
+@contextlib.contextmanager
+def strategy_scope(cfg_or_name="default"):
+    """Build (and train) models inside: ``with strategy_scope(cfg): model = ...``.
+
+    Re-entrant; the harness wraps every ``run(cfg)`` in it. Yields the
+    strategy/distribution object (``None`` for JAX ``default``).
+    """
+    strategy = get_strategy(cfg_or_name)
+    name = cfg_or_name.strategy if isinstance(cfg_or_name, BenchConfig) else cfg_or_name
+    _ACTIVE.append((name, num_replicas(strategy)))
+    try:
+        if strategy is None:
+            yield None
+        else:
+            with strategy.scope():
+                yield strategy
+    finally:
+        _ACTIVE.pop()
+
+
+def jit_compile_allowed() -> bool:
+    """``False`` inside a MirroredStrategy scope (XLA is not supported there)."""
+    return not (_ACTIVE and _ACTIVE[-1][0] == "mirrored")
+
+
+# -- side-by-side timing ---------------------------------------------------------
+def timing_steps(cfg: BenchConfig) -> int:
+    """Timed steps per model: 2 (tiny), 30 (quick), 100 (full); ``-o timing_steps=N``."""
+    return int(cfg.option("timing_steps", 2 if cfg.tiny else 30 if cfg.quick else 100))
+
+
+def timed_fit_steps(model, x, y, batch_size, steps):
+    """Seconds of each of ``steps`` training steps of ``model.fit`` on one repeated batch.
+
+    Uses ``fit`` (not ``train_on_batch``) so the train function the benchmark
+    already compiled is reused, and waits for each step's loss so async
+    backends (JAX) are timed to completion. Works for ``tf_keras`` models too.
+    """
+    xb, yb = x[:batch_size], y[:batch_size]
+    xs = np.concatenate([xb] * steps)
+    ys = np.concatenate([yb] * steps)
+    times, start = [], [0.0]
+
+    def begin(batch, logs=None):
+        start[0] = time.perf_counter()
+
+    def end(batch, logs=None):
+        if logs and "loss" in logs:
+            float(logs["loss"])  # block until the step is done
+        times.append(time.perf_counter() - start[0])
+
+    callbacks = keras.callbacks
+    if type(model).__module__.startswith("tf_keras"):
+        import tf_keras
+
+        callbacks = tf_keras.callbacks
+    timer = callbacks.LambdaCallback(on_train_batch_begin=begin, on_train_batch_end=end)
+    model.fit(xs, ys, batch_size=len(xb), epochs=1, shuffle=False, verbose=0, callbacks=[timer])
+    return times
+
+
+def compare_step_times(models: dict, x, y, batch_size, steps=30, warmup=3, rounds=None):
+    """Median seconds of one training step per model, measured interleaved.
+
+    The models take turns (``rounds`` rounds of ``steps / rounds`` steps each),
+    so a load change on a shared machine hits all of them alike and their
+    ratios stay meaningful. Each model trains on the same batch; the first
+    ``warmup`` steps (compilation) are not timed.
+    """
+    for model in models.values():
+        timed_fit_steps(model, x, y, batch_size, max(1, warmup))
+    rounds = rounds or max(1, min(5, steps // 2))
+    per_round = max(1, steps // rounds)
+    times = {name: [] for name in models}
+    order = list(models)
+    for r in range(rounds):  # rotate who goes first, so no model always follows the same one
+        for name in order[r % len(order):] + order[: r % len(order)]:
+            times[name] += timed_fit_steps(models[name], x, y, batch_size, per_round)
+    return {name: float(np.median(t)) for name, t in times.items()}
+
+
+# -- training helpers -----------------------------------------------------------
+def iter_estimators(model):
+    """The estimator layers inside a model's quantizers."""
+    from kquant.estimators import Estimator
+
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        if isinstance(layer, Estimator):
+            yield layer
+
+
+class TrainingProgress(keras.callbacks.Callback):
+    """Calls ``set_progress(epoch / epochs)`` on scheduled estimators (EDE) each epoch."""
+
+    def __init__(self, epochs):
+        super().__init__()
+        self.epochs = max(int(epochs), 1)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        for est in iter_estimators(self.model):
+            if hasattr(est, "set_progress"):
+                est.set_progress(epoch / self.epochs)
+
+
+# -- result checks --------------------------------------------------------------
+_RELATIVE_WORDS = ("delta", "vs", "minus", "diff", "gap", "change", "gain", "drop")
+
+
+def sanity_problems(rows) -> list[str]:
+    """What is wrong with a result's numbers (empty list: finite and plausible).
+
+    Every number must be finite; columns named like accuracies lie in [0, 1]
+    (or [0, 100] for percentages) and losses are ≥ 0 unless the name says it
+    is a difference (``delta``, ``vs``, ``minus``, ``diff``, ...); times and
+    ratios are > 0.
+    """
+    problems = []
+    if not rows:
+        return ["no rows"]
+    for i, row in enumerate(rows):
+        for key, value in row.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+                continue
+            v = float(value)
+            where = f"row {i} {key}={value!r}"
+            k = key.lower()
+            relative = any(w in k for w in _RELATIVE_WORDS)  # a difference may be negative
+            if not math.isfinite(v):
+                problems.append(f"{where}: not finite")
+            elif "acc" in k and not relative and not 0.0 <= v <= 100.0:
+                problems.append(f"{where}: accuracy outside [0, 100]")
+            elif "loss" in k and not relative and v < 0:
+                problems.append(f"{where}: negative loss")
+            elif (k.endswith("_ms") or k.endswith("_s") or "time" in k or "ratio" in k) and v <= 0:
+                problems.append(f"{where}: time or ratio not positive")
+    return problems
+
+
+def format_command(argv) -> str:
+    """The command line that reproduces a run (for results.md)."""
+    import shlex
+
+    return "python -m benchmarks " + " ".join(shlex.quote(a) for a in argv)

@@ -5,7 +5,17 @@ Quantized layers (:mod:`kquant.layers`) apply a forward quantizer
 estimator (:mod:`kquant.estimators`, entry-point group ``kquant.estimators``).
 """
 
-from kquant import callbacks, datasets, estimators, models, quantizers, staircase
+from kquant import (
+    alq,
+    analysis,
+    callbacks,
+    datasets,
+    estimators,
+    models,
+    optimizers,
+    quantizers,
+    staircase,
+)
 from kquant.layers import (
     QuantConv1D,
     QuantConv2D,
@@ -24,7 +34,10 @@ __all__ = [
     "QuantDense",
     "QuantDepthwiseConv2D",
     "Quantizer",
+    "alq",
+    "analysis",
     "callbacks",
+    "optimizers",
     "estimators",
     "quantize_model",
     "summary",

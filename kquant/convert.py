@@ -65,5 +65,7 @@ def quantize_model(model, kernel_quantizer="sign", input_quantizer=None, estimat
         for v in old_layer.weights:
             key = v.path.split("/")[-1]
             if key in by_name and tuple(by_name[key].shape) == tuple(v.shape):
-                by_name[key].assign(v)
+                # a copy: on JAX, assign(v) would share v's buffer, which the twin's
+                # training step then donates, deleting the float model's weights
+                by_name[key].assign(keras.ops.copy(v))
     return new

@@ -44,10 +44,12 @@ def _tfds_split(builder_name, split, data_dir, download):
             f"Dataset {builder_name!r} needs tensorflow-datasets: pip install 'kquant[datasets]'."
         ) from e
     try:
-        x, y = tfds.as_numpy(
-            tfds.load(builder_name, split=split, data_dir=data_dir, download=download,
-                      as_supervised=True, batch_size=-1)
-        )
+        ds = tfds.load(builder_name, split=split, data_dir=data_dir, download=download,
+                       as_supervised=True)
+        # batches, not batch_size=-1 (which aborts TF 2.21 under tfds' mock data)
+        parts = list(tfds.as_numpy(ds.batch(4096)))
+        x = np.concatenate([p[0] for p in parts])
+        y = np.concatenate([p[1] for p in parts])
     except Exception as e:  # tfds raises several types for "not prepared"
         raise DatasetUnavailable(
             f"Dataset {builder_name!r} ({split}) is not available in data_dir={data_dir!r} and "

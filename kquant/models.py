@@ -8,7 +8,8 @@ Quantize them with :func:`kquant.quantize_model`. All take
 * ``lenet5``: 20C5-MP2-50C5-MP2-500FC-10 (ALQ, MetaQuant).
 * ``vgg_small``: 2×128C3-MP2-2×256C3-MP2-2×512C3-MP2-2×1024FC-10 (ALQ).
 * ``resnet20``: CIFAR ResNet-20 (He et al. 2016; EWGS, MetaQuant).
-* ``small_convnet``: a tiny convnet for the 8×8 digits and tests.
+* ``small_convnet``: a tiny convnet for the 8×8 digits and tests (BN momentum 0.9:
+  its runs are a few hundred steps, too short for Keras' 0.99).
 """
 
 from __future__ import annotations
@@ -97,10 +98,10 @@ def resnet20(input_shape=(32, 32, 3), num_classes=10, width=16):
 def small_convnet(input_shape=(8, 8, 1), num_classes=10, width=32):
     inputs = keras.Input(input_shape)
     x = layers.Conv2D(width, 3, padding="same", use_bias=False)(inputs)
-    x = layers.BatchNormalization()(x)
+    x = layers.BatchNormalization(momentum=0.9)(x)
     x = layers.ReLU()(x)
     x = layers.Conv2D(2 * width, 3, padding="same", use_bias=False)(x)
-    x = layers.BatchNormalization()(x)
+    x = layers.BatchNormalization(momentum=0.9)(x)
     x = layers.ReLU()(_pool_if_room(x))
     x = layers.Flatten()(x)
     outputs = layers.Dense(num_classes)(x)

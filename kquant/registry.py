@@ -104,6 +104,8 @@ class Registry:
         """Forget the cache; the next lookup scans the entry points again."""
         with self._lock:
             self._plugins = None
+            # stevedore memoises entry points per namespace for the process.
+            ExtensionManager.ENTRY_POINT_CACHE.pop(self.group, None)
 
     def names(self) -> list[str]:
         return list(self._load())

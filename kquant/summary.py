@@ -126,9 +126,12 @@ def summary(model, print_summary=True, console=None) -> ModelSummary:
         raise ValueError("kquant.summary needs a built model (call it on data or give it an Input).")
     stats = [s for s in (layer_stats(layer) for layer in _walk(model)) if s is not None]
     result = ModelSummary(model.name, stats)
-    extra = getattr(model, "quantization_report", None)
     if print_summary:
-        (console or Console()).print(result.table())
-        if callable(extra):
-            (console or Console()).print(extra())
+        console = console or Console()
+        console.print(result.table())
+        from kquant import alq  # ALQ layers add the paper's Eq. 26 storage table
+
+        rows = alq.storage_table(model)
+        if rows and len(rows) > 1:
+            console.print(alq.format_table(rows))
     return result

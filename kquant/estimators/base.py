@@ -24,6 +24,13 @@ import keras
 from keras import ops
 
 
+def as_tensor(value):
+    """A plain tensor, never a variable (TF's ``custom_gradient`` rejects variables)."""
+    if isinstance(value, keras.Variable):
+        return ops.copy(value)
+    return ops.convert_to_tensor(value)
+
+
 class Estimator(keras.layers.Layer):
     """Backward rule of a quantizer's discrete step."""
 
@@ -48,10 +55,10 @@ class Estimator(keras.layers.Layer):
         The context is built outside the custom-gradient function (TF's
         ``custom_gradient`` may not read variables inside it) and closed over.
         """
-        z = ops.convert_to_tensor(z)
+        z = as_tensor(z)
         q = staircase.hard(ops.stop_gradient(z))
         if self.uses_latent:
-            x = ops.convert_to_tensor(x)
+            x = as_tensor(x)
             ctx = self.context(ops.stop_gradient(z), q, staircase,
                                x=ops.stop_gradient(x), training=training)
 

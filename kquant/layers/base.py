@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-from kquant import quantizers
+from kquant import estimators, quantizers
 from kquant.accounting import LayerStats
 
 
@@ -48,7 +48,8 @@ class QuantizedLayerMixin:
         return {
             "kernel_quantizer": quantizers.serialize(self.kernel_quantizer),
             "input_quantizer": quantizers.serialize(self.input_quantizer),
-            "estimator": self.estimator,
+            "estimator": (estimators.serialize(self.estimator)
+                          if isinstance(self.estimator, estimators.Estimator) else self.estimator),
         }
 
     def quantization_stats(self) -> LayerStats:

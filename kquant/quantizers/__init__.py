@@ -42,6 +42,8 @@ def get(identifier, estimator=None, **kwargs) -> Quantizer | None:
         return registry.get(identifier, **kwargs)
     if isinstance(identifier, dict) and "name" in identifier and "class_name" not in identifier:
         config = dict(identifier.get("config", {}))
+        if estimator is not None:
+            config["estimator"] = estimator
         return registry.get(identifier["name"], **config)
     if isinstance(identifier, dict):
         return keras.saving.deserialize_keras_object(identifier)

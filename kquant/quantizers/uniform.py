@@ -8,7 +8,7 @@ e.g. DoReFa activations with ``step=1/(2^b−1)``).
 ``step`` a float: fixed Δ. ``step=None``: Δ learned (per tensor, or per output
 channel with ``per_channel=True``); gradients reach Δ through ``Δ·step(x/Δ)``
 as in LSQ (Esser et al. 2020). It is initialised from the first batch it sees,
-``Δ₀ = 2·mean|x|/√u_max``, stored as ``Δ = Δ₀·|c|`` with ``c`` trainable (1 at
+``Δ₀ = 2·mean|x|/√u``, stored as ``Δ = Δ₀·|c|`` with ``c`` trainable (1 at
 start) so the data-driven part lives in a non-trainable variable.
 """
 
@@ -70,7 +70,7 @@ class Uniform(Quantizer):
         if self.step is not None:
             return ops.cast(self.step, x.dtype)
         st = self.staircase
-        u = max(abs(st.lo), st.hi)
+        u = max(st.hi, 1.0)  # LSQ: Q_P, the largest positive level
         axes = tuple(range(len(x.shape) - 1)) if self.per_channel else None
         estimate = 2.0 * ops.mean(ops.abs(ops.stop_gradient(x) - self.offset), axis=axes) / math.sqrt(u)
         estimate = ops.maximum(estimate, 1e-8)

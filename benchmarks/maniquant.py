@@ -1,0 +1,109 @@
+"""ManiQuant WCG vs STE on the same model and data (kquant-maniquant plugin).
+
+DoReFa k-bit weights (the paper's setting) in ``small_convnet`` (first and
+last layers float), trained from the same initial weights and seed with
+STE (through DoReFa's tanh normalisation), clipped STE, and WCG (latent
+weights clipped to [−1, 1] as in the paper). Accuracy, loss, and the train-step
+time ratio to STE, timed side by side (interleaved rounds, median). Paper
+(§5 of papers.md): WCG costs ×1.035 of DoReFa per iteration.
+"""
+
+from __future__ import annotations
+
+import time
+
+import keras
+import numpy as np
+
+from benchmarks.common import BenchConfig, Result, compile_classifier, load_data, set_seed
+
+
+def _require_plugin():
+    try:
+        import kquant_maniquant  # noqa: F401
+    except ImportError as e:  # pragma: no cover
+        raise RuntimeError("benchmark `maniquant` needs the plugin: "
+                           "pip install ./plugins/kquant-maniquant") from e
+
+
+def _models(x_shape, num_classes, bits, width):
+    import kquant
+    from kquant_maniquant import UnitClip
+
+    float_model = kquant.models.build("small_convnet", x_shape, num_classes, width=width)
+    variants = {
+        "ste": "ste",
+        "clipped_ste": "clipped_ste",
+        "wcg": "wcg",
+    }
+    models = {}
+    for name, estimator in variants.items():
+        # The estimator goes inside the quantizer's config: kquant.quantizers.get ignores
+        # `estimator=` for dict identifiers.
+        quantizer = {"name": "dorefa", "config": {"bits": bits, "estimator": estimator}}
+        m = kquant.quantize_model(float_model, kernel_quantizer=quantizer, estimator=estimator,
+                                  skip_first=True, skip_last=True)
+        for layer in kquant.callbacks.quantized_layers(m):
+            found = type(layer.kernel_quantizer.estimator)
+            if found is not kquant.estimators.registry.get_class(estimator):
+                raise RuntimeError(f"layer {layer.name} uses {found.__name__}, expected {estimator}")
+        # Own copies of the weights: on JAX, quantize_model's assigns share the float
+        # model's buffers, which the first model's fit donates (deletes).
+        m.set_weights([np.array(w) for w in m.get_weights()])
+        if name == "wcg":
+            for layer in kquant.callbacks.quantized_layers(m):
+                layer.latent_kernel.constraint = UnitClip()
+        models[name] = m
+    return models
+
+
+def interleaved_step_times(models, x, y, batch_size, rounds=5, steps=5):
+    """Median train-step seconds per model, timed in alternating rounds."""
+    xb, yb = x[:batch_size], y[:batch_size]
+    for m in models.values():
+        for _ in range(3):
+            m.train_on_batch(xb, yb)
+    times = {k: [] for k in models}
+    for _ in range(rounds):
+        for k, m in models.items():
+            for _ in range(steps):
+                t0 = time.perf_counter()
+                m.train_on_batch(xb, yb)
+                times[k].append(time.perf_counter() - t0)
+    return {k: float(np.median(v)) for k, v in times.items()}
+
+
+def run(cfg: BenchConfig) -> Result:
+    _require_plugin()
+    set_seed(cfg.seed)
+    (x, y), (xt, yt) = load_data(cfg)
+    num_classes = int(np.max(y)) + 1
+    bits = 2
+    width = 8 if cfg.tiny else 32
+    epochs = cfg.epochs_or(quick=10, full=40, tiny=1)
+    models = _models(x.shape[1:], num_classes, bits, width)
+    rows = []
+    for name, m in models.items():
+        set_seed(cfg.seed)
+        compile_classifier(m, keras.optimizers.Adam(1e-3))
+        t0 = time.perf_counter()
+        m.fit(x, y, epochs=epochs, batch_size=cfg.batch_size, verbose=0, shuffle=True)
+        fit_s = time.perf_counter() - t0
+        loss, acc = m.evaluate(xt, yt, verbose=0)
+        rows.append({"estimator": name, "test_accuracy": float(acc), "test_loss": float(loss),
+                     "fit_seconds": fit_s})
+    times = interleaved_step_times(models, x, y, cfg.batch_size,
+                                   rounds=2 if cfg.tiny else 5, steps=3 if cfg.tiny else 10)
+    for row in rows:
+        row["step_ms"] = 1e3 * times[row["estimator"]]
+        row["step_time_ratio_to_ste"] = times[row["estimator"]] / times["ste"]
+        row["accuracy_minus_ste"] = row["test_accuracy"] - rows[0]["test_accuracy"]
+    return Result(
+        name="maniquant",
+        rows=rows,
+        columns=["estimator", "test_accuracy", "accuracy_minus_ste", "test_loss", "step_ms",
+                 "step_time_ratio_to_ste", "fit_seconds"],
+        meta={"model": "small_convnet (first/last float)", "weights": f"DoReFa {bits}-bit",
+              "epochs": epochs, "optimizer": "Adam 1e-3",
+              "paper_step_time_ratio": 18.44 / 17.81},
+    )

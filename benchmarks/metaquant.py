@@ -1,0 +1,136 @@
+"""MetaQuant (FCGrad, MultiFC, LSTMFC) against STE, for DoReFa/BWN × SGD/Adam.
+
+Needs the ``kquant-metaquant`` plugin (``pip install ./plugins/kquant-metaquant``).
+For every forward quantizer (``dorefa`` k-bit, ``bwn``) and base optimizer
+(``sgd`` with momentum 0.9, ``adam``) one float net is built once; every
+variant starts from its weights (all layers quantized, as in the paper), sees
+the same batches and differs only in the backward rule: ``ste`` trains with
+the plain Keras train step, the MetaQuant variants with
+:class:`kquant_metaquant.MetaQuant` (shared meta network, late weight update,
+meta Adam lr 1e-3). The train-step time of each variant is measured
+interleaved with its STE twin in this one process (paper: MultiFC ×1.34 per
+iteration over DoReFa+STE on ResNet).
+
+Options (``-o KEY=VALUE``): ``model`` (default ``small_convnet``),
+``quantizers`` (``dorefa,bwn``), ``optimizers`` (``sgd,adam``), ``variants``
+(``fcgrad,multifc,lstmfc``), ``bits`` (1), ``hidden`` (100), ``lr`` (1e-3),
+``meta_lr`` (1e-3), ``timing_steps``. The tiny scale runs DoReFa × Adam with
+STE and MultiFC (hidden 16) for one epoch on 256 digits.
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+
+import kquant
+from benchmarks.common import (
+    Result,
+    compare_step_times,
+    compile_classifier,
+    load_data,
+    require,
+    set_seed,
+    timing_steps,
+)
+
+COLUMNS = ["quantizer", "optimizer", "variant", "test_acc", "train_loss", "acc_vs_ste",
+           "step_ms", "time_vs_ste"]
+
+
+def _list(value):
+    return [v for v in value.split(",") if v] if isinstance(value, str) else list(value)
+
+
+def _optimizer(name, lr):
+    if name == "sgd":
+        return keras.optimizers.SGD(lr, momentum=0.9)
+    if name == "adam":
+        return keras.optimizers.Adam(lr)
+    raise ValueError(f"metaquant: option `optimizers` takes 'sgd' and 'adam', got {name!r}.")
+
+
+def _quantizer(name, bits, estimator):
+    if name == "dorefa":
+        return {"name": "dorefa", "config": {"bits": bits, "estimator": estimator}}
+    if name == "bwn":
+        return {"name": "bwn", "config": {"estimator": estimator}}
+    raise ValueError(f"metaquant: option `quantizers` takes 'dorefa' and 'bwn', got {name!r}.")
+
+
+def _variant_model(float_model, qname, bits, variant, hidden, meta_lr):
+    import kquant_metaquant
+
+    estimator = "ste" if variant == "ste" else {"name": variant, "config": {"hidden": hidden}}
+    model = kquant.quantize_model(float_model, kernel_quantizer=_quantizer(qname, bits, estimator))
+    if variant == "ste":
+        return model
+    return kquant_metaquant.MetaQuant(model, meta_learning_rate=meta_lr)
+
+
+def run(cfg):
+    require("fcgrad", "multifc", "lstmfc", modules=("kquant_metaquant",))
+    if cfg.strategy != "default":
+        raise ValueError("metaquant: `strategy` must be 'default' (MetaQuant's train step "
+                         "updates the optimizer in place, which tf.distribute does not allow).")
+    data = load_data(cfg)
+    (x, y), (xt, yt) = data
+    tiny = cfg.tiny
+    model_name = cfg.option("model", "small_convnet")
+    quantizers = _list(cfg.option("quantizers", "dorefa" if tiny else "dorefa,bwn"))
+    optimizers = _list(cfg.option("optimizers", "adam" if tiny else "sgd,adam"))
+    variants = _list(cfg.option("variants", "multifc" if tiny else "fcgrad,multifc,lstmfc"))
+    unknown = [v for v in variants if v not in ("fcgrad", "multifc", "lstmfc")]
+    if unknown:
+        raise ValueError(f"metaquant: option `variants` takes fcgrad, multifc, lstmfc; got {unknown}.")
+    bits = int(cfg.option("bits", 1))
+    hidden = int(cfg.option("hidden", 16 if tiny else 100))
+    lr = float(cfg.option("lr", 1e-3))
+    meta_lr = float(cfg.option("meta_lr", 1e-3))
+    epochs = cfg.epochs_or(quick=8, full=100, tiny=1)
+    eager = bool(cfg.option("eager", False))
+
+    set_seed(cfg.seed)
+    float_model = kquant.models.build(model_name, x.shape[1:], 10)
+    rows = []
+    for qname in quantizers:
+        for opt in optimizers:
+            models, metrics = {}, {}
+            for variant in ["ste", *variants]:
+                set_seed(cfg.seed)
+                model = _variant_model(float_model, qname, bits, variant, hidden, meta_lr)
+                compile_classifier(model, _optimizer(opt, lr), run_eagerly=eager)
+                set_seed(cfg.seed + 1)          # the same shuffling for every variant
+                history = model.fit(x, y, batch_size=cfg.batch_size, epochs=epochs,
+                                    shuffle=True, verbose=0)
+                test_loss, test_acc = model.evaluate(xt, yt, batch_size=cfg.batch_size, verbose=0)
+                metrics[variant] = {"test_acc": float(test_acc),
+                                    "train_loss": float(history.history["loss"][-1])}
+                models[variant] = model
+            times = compare_step_times(models, x, y, cfg.batch_size, steps=timing_steps(cfg))
+            for variant in models:
+                rows.append({
+                    "quantizer": qname if qname == "bwn" else f"dorefa{bits}",
+                    "optimizer": opt, "variant": variant, **metrics[variant],
+                    "acc_vs_ste": metrics[variant]["test_acc"] - metrics["ste"]["test_acc"],
+                    "step_ms": 1e3 * times[variant],
+                    "time_vs_ste": times[variant] / times["ste"],
+                })
+
+    def plot(path):
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        labels = [f"{r['quantizer']}/{r['optimizer']}/{r['variant']}" for r in rows]
+        ax.barh(labels, [r["time_vs_ste"] for r in rows])
+        ax.axvline(1.0, color="k", lw=0.8)
+        ax.set_xlabel("train-step time / STE")
+        fig.tight_layout()
+        fig.savefig(path)
+        plt.close(fig)
+
+    meta = {"model": model_name, "epochs": epochs, "bits": bits, "hidden": hidden, "lr": lr,
+            "meta_lr": meta_lr, "paper_time_ratio_multifc": 51.15 / 38.17,
+            "train_examples": int(len(x)), "test_examples": int(len(xt)),
+            "float_params": int(np.sum([np.prod(w.shape) for w in float_model.weights]))}
+    return Result("metaquant", rows, meta=meta, plot=plot, columns=COLUMNS)

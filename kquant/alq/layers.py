@@ -1,0 +1,282 @@
+"""ALQ layers: the kernel is ``ŵ_g = B_g α_g`` per group, no latent float weights.
+
+State (fixed shapes, so training compiles): ``bases`` ``[G, n, I_max]`` (±1),
+``coordinates`` ``[G, I_max]`` (α ≥ 0), ``mask`` ``[G, I_max]`` (1 = active
+basis; a group's bitwidth ``I_g`` is its number of active slots, 0 removes the
+group). The forward kernel is ``Σ_i B_i α_i mask_i`` reshaped to the Keras
+kernel (see :mod:`kquant.alq.groups`), plus ``kernel_tap``.
+
+``kernel_tap`` is a zero-valued trainable variable of the kernel's shape whose
+only role is to receive ``∂ℓ/∂ŵ`` from autodiff: the ALQ optimizer
+(:class:`kquant.optimizers.ALQ`) reads it and updates ``bases``,
+``coordinates`` and ``mask``; the tap itself never moves. The state variables
+are ``trainable=True`` with their autodiff gradient cut, because JAX's
+stateless training step only writes back trainable and optimizer variables.
+The optimizer recognises these variables by the tag :data:`ALQ_ROLE` that
+:meth:`ALQLayer.build` sets on them (``"tap"`` or ``"state"``).
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+from keras import ops
+
+from kquant.accounting import LayerStats
+from kquant.alq import groups as group_lib
+from kquant.alq import sketching, steps
+from kquant.alq.activations import ALQActivation
+
+ALQ_ROLE = "_kquant_alq_role"
+ALQ_LAYER = "_kquant_alq_layer"
+
+
+def _tag(variable, role, layer):
+    setattr(variable, ALQ_ROLE, role)
+    setattr(variable, ALQ_LAYER, layer)
+
+
+def alq_role(variable):
+    """``"tap"``, ``"state"`` or ``None`` for a (Keras or backend) variable."""
+    return getattr(variable, ALQ_ROLE, None)
+
+
+class ALQLayer(keras.layers.Layer):
+    """Base of :class:`ALQDense` and :class:`ALQConv2D`."""
+
+    default_group = "channel"
+
+    def __init__(self, group=None, max_bits=6, activation=None, use_bias=True,
+                 kernel_initializer="glorot_uniform", bias_initializer="zeros",
+                 input_quantizer=None, **kwargs):
+        super().__init__(**kwargs)
+        self.group = group_lib.canonical(self.default_group if group is None else group)
+        self.max_bits = sketching.check_max_bits(max_bits)
+        self.activation = keras.activations.get(activation)
+        self.use_bias = bool(use_bias)
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.bias_initializer = keras.initializers.get(bias_initializer)
+        if isinstance(input_quantizer, dict):
+            input_quantizer = keras.saving.deserialize_keras_object(input_quantizer)
+        if input_quantizer is not None and not isinstance(input_quantizer, ALQActivation):
+            raise TypeError("`input_quantizer` must be an ALQActivation or None, got "
+                            f"{type(input_quantizer).__name__}.")
+        self.input_quantizer = input_quantizer
+
+    # -- what subclasses define ------------------------------------------------
+    def _kernel_shape(self, input_shape):
+        raise NotImplementedError
+
+    def _apply_kernel(self, inputs, kernel):
+        raise NotImplementedError
+
+    def _macs(self, input_shape):
+        raise NotImplementedError
+
+    # -- state -----------------------------------------------------------------
+    def build(self, input_shape):
+        shape = self._kernel_shape(input_shape)
+        self.layout = group_lib.GroupLayout(shape, self.group, f"layer {self.name!r}")
+        g, n, bits = self.layout.num_groups, self.layout.group_size, self.max_bits
+        self.bases = self.add_weight(name="bases", shape=(g, n, bits), initializer="ones")
+        self.coordinates = self.add_weight(name="coordinates", shape=(g, bits), initializer="zeros")
+        self.mask = self.add_weight(name="mask", shape=(g, bits), initializer="zeros")
+        self.kernel_tap = self.add_weight(name="kernel_tap", shape=shape, initializer="zeros")
+        for variable in (self.bases, self.coordinates, self.mask):
+            _tag(variable, "state", self)
+        _tag(self.kernel_tap, "tap", self)
+        self.bias = None
+        if self.use_bias:
+            self.bias = self.add_weight(name="bias", shape=(shape[-1],),
+                                        initializer=self.bias_initializer)
+        if self.input_quantizer is not None and not self.input_quantizer.built:
+            self.input_quantizer.build(input_shape)
+        self._input_shape_at_build = tuple(input_shape)
+        try:
+            initial = ops.convert_to_numpy(self.kernel_initializer(shape))
+        except Exception:  # built inside a traced function: keep the all-zero kernel
+            initial = None
+        if initial is not None:
+            self.set_float_kernel(initial)
+
+    def set_float_kernel(self, kernel, sigma=1e-6):
+        """Initialise ``B, α, mask`` from a float kernel by structured sketching (Alg. 1)."""
+        kernel = np.asarray(kernel, dtype=np.float64)
+        if kernel.shape != self.layout.kernel_shape:
+            raise ValueError(f"`kernel` of shape {kernel.shape} does not fit layer {self.name!r} "
+                             f"(kernel shape {self.layout.kernel_shape}).")
+        bases, alpha, mask = sketching.sketch(self.layout.to_groups_numpy(kernel),
+                                              self.max_bits, sigma)
+        self.bases.assign(bases)
+        self.coordinates.assign(alpha)
+        self.mask.assign(mask)
+
+    def alq_state(self):
+        """``(bases, coordinates, mask)`` variables."""
+        return self.bases, self.coordinates, self.mask
+
+    def grouped_kernel(self):
+        """``ŵ`` as ``[G, n]``."""
+        return steps.decode(ops.stop_gradient(self.bases), ops.stop_gradient(self.coordinates),
+                            ops.stop_gradient(self.mask))
+
+    def quantized_kernel(self, training=None):
+        """The kernel the forward pass uses: ``B α mask`` reshaped (+ the zero tap)."""
+        return self.layout.from_groups(self.grouped_kernel()) + self.kernel_tap
+
+    @property
+    def kernel(self):
+        return self.quantized_kernel()
+
+    def group_bitwidths(self):
+        """Active bases per group, NumPy ``[G]`` ints."""
+        return np.asarray(ops.convert_to_numpy(self.mask)).sum(axis=1).astype(int)
+
+    def average_bitwidth(self) -> float:
+        return float(self.group_bitwidths().mean())
+
+    # -- forward -----------------------------------------------------------------
+    def call(self, inputs, training=None):
+        if self.input_quantizer is not None:
+            inputs = self.input_quantizer(inputs, training=training)
+        outputs = self._apply_kernel(inputs, self.quantized_kernel(training))
+        if self.bias is not None:
+            outputs = outputs + self.bias
+        if self.activation is not None:
+            outputs = self.activation(outputs)
+        return outputs
+
+    # -- accounting --------------------------------------------------------------
+    def quantization_stats(self) -> LayerStats:
+        """Storage per ALQ Eq. 26 plus the per-group bitwidth table."""
+        bits = self.group_bitwidths()
+        removed = int((bits == 0).sum())
+        lut = self.layout.num_groups * group_lib.lut_bits_per_group(self.max_bits)
+        return LayerStats(
+            name=self.name,
+            kind=type(self).__name__,
+            kernel_params=self.layout.num_weights,
+            kernel_bits=float(bits.mean()),
+            float_params=int(self.bias.shape[0]) if self.bias is not None else 0,
+            extra_bits=int(32 * bits.sum() + lut),
+            input_bits=None if self.input_quantizer is None else float(self.input_quantizer.bits),
+            macs=int(self._macs(self._input_shape_at_build)),
+            notes=f"group {self.group} (n={self.layout.group_size}), "
+                  f"{removed}/{self.layout.num_groups} groups removed, I_max={self.max_bits}",
+        )
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "group": self.group,
+            "max_bits": self.max_bits,
+            "activation": keras.activations.serialize(self.activation),
+            "use_bias": self.use_bias,
+            "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
+            "bias_initializer": keras.initializers.serialize(self.bias_initializer),
+            "input_quantizer": None if self.input_quantizer is None
+            else keras.saving.serialize_keras_object(self.input_quantizer),
+        }
+
+
+@keras.saving.register_keras_serializable(package="kquant")
+class ALQDense(ALQLayer):
+    """Dense layer whose kernel is ALQ multi-bit binary bases (groups default: channel)."""
+
+    default_group = "channel"
+
+    def __init__(self, units, **kwargs):
+        super().__init__(**kwargs)
+        if isinstance(units, bool) or not isinstance(units, int) or units < 1:
+            raise ValueError(f"`units` must be a positive integer, got {units!r}.")
+        self.units = units
+
+    def _kernel_shape(self, input_shape):
+        return (int(input_shape[-1]), self.units)
+
+    def _apply_kernel(self, inputs, kernel):
+        return ops.matmul(inputs, kernel)
+
+    def _macs(self, input_shape):
+        return int(input_shape[-1]) * self.units
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape[:-1]) + (self.units,)
+
+    def get_config(self):
+        return {**super().get_config(), "units": self.units}
+
+
+def _pair(value, name):
+    if isinstance(value, int):
+        return (value, value)
+    value = tuple(int(v) for v in value)
+    if len(value) != 2:
+        raise ValueError(f"`{name}` must be an int or a pair, got {value!r}.")
+    return value
+
+
+@keras.saving.register_keras_serializable(package="kquant")
+class ALQConv2D(ALQLayer):
+    """2-D convolution (channels_last) with an ALQ kernel (groups default: pixel)."""
+
+    default_group = "pixel"
+
+    def __init__(self, filters, kernel_size, strides=1, padding="valid", dilation_rate=1, **kwargs):
+        data_format = kwargs.pop("data_format", None)
+        if data_format not in (None, "channels_last"):
+            raise ValueError("ALQConv2D supports data_format='channels_last' only, "
+                             f"got {data_format!r}.")
+        super().__init__(**kwargs)
+        if isinstance(filters, bool) or not isinstance(filters, int) or filters < 1:
+            raise ValueError(f"`filters` must be a positive integer, got {filters!r}.")
+        self.filters = filters
+        self.kernel_size = _pair(kernel_size, "kernel_size")
+        self.strides = _pair(strides, "strides")
+        self.dilation_rate = _pair(dilation_rate, "dilation_rate")
+        if str(padding).lower() not in ("valid", "same"):
+            raise ValueError(f"`padding` must be 'valid' or 'same', got {padding!r}.")
+        self.padding = str(padding).lower()
+
+    def _kernel_shape(self, input_shape):
+        return (*self.kernel_size, int(input_shape[-1]), self.filters)
+
+    def _apply_kernel(self, inputs, kernel):
+        return ops.conv(inputs, kernel, strides=self.strides, padding=self.padding,
+                        dilation_rate=self.dilation_rate, data_format="channels_last")
+
+    def _output_spatial(self, input_shape):
+        sizes = []
+        for size, k, s, d in zip(input_shape[1:3], self.kernel_size, self.strides,
+                                 self.dilation_rate):
+            if size is None:
+                sizes.append(None)
+            elif self.padding == "same":
+                sizes.append(-(-int(size) // s))
+            else:
+                sizes.append((int(size) - (k - 1) * d - 1) // s + 1)
+        return sizes
+
+    def _macs(self, input_shape):
+        h, w = self._output_spatial(input_shape)
+        if h is None or w is None:
+            return 0
+        kh, kw = self.kernel_size
+        return h * w * kh * kw * int(input_shape[-1]) * self.filters
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], *self._output_spatial(input_shape), self.filters)
+
+    def get_config(self):
+        return {**super().get_config(), "filters": self.filters, "kernel_size": self.kernel_size,
+                "strides": self.strides, "padding": self.padding,
+                "dilation_rate": self.dilation_rate}
+
+
+def alq_layers(model):
+    """All ALQ layers of a model (nested models included), in order."""
+    found = []
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        if isinstance(layer, ALQLayer):
+            found.append(layer)
+    return found

@@ -1,0 +1,195 @@
+"""Hessian traces w.r.t. the discrete values, and EWGS's δ from them.
+
+EWGS (Lee et al. 2021, §3.2, Eqs. 8–10): for each quantizer,
+``δ = max(0, (Tr(H)/N) / G)`` where ``H = ∂²ℓ/∂x_q²`` is the Hessian of the
+loss w.r.t. the quantizer's ``N`` discrete values ``x_q`` and
+``G = 3σ(g_xq)``. ``Tr(H) = E[vᵀHv]`` (Hutchinson, Rademacher ``v``), and
+``Hv = ∂(g_xqᵀv)/∂x_q`` is a Hessian-vector product — a second backward pass
+(TensorFlow: nested ``GradientTape``\\ s; JAX: ``jvp`` of ``grad``), the only
+backend-specific code here (:func:`_backend_grad_and_hvp`).
+
+To differentiate w.r.t. ``x_q``, a tensor inside the model, every EWGS
+estimator adds a *probe* ``p`` (zero) to its step's output ``q`` for the
+duration of the estimate: ``ℓ(p)`` is then an ordinary function whose
+gradient and Hessian at ``p = 0`` are those w.r.t. ``q``. The model runs
+through ``stateless_call``, so the estimate changes no variable (batch-norm
+statistics, quantizer initialisation). ``q`` is in staircase units, with
+``x_q = (q − lo)/(hi − lo)``, so ``g_xq = (hi − lo)·g_q`` and
+``H_xq = (hi − lo)²·H_q``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import weakref
+
+import keras
+import numpy as np
+from keras import ops
+
+
+def _backend_grad_and_hvp(fn):
+    """Compile ``(primals, tangents, *args) -> (∇fn, ∇²fn·tangents)`` for a scalar
+    ``fn(primals: list, *args)``, differentiating w.r.t. ``primals`` only.
+
+    TensorFlow: nested ``GradientTape``\\ s in a ``tf.function``; JAX: ``jvp`` of
+    ``grad`` under ``jit``. The one backend-specific seam of the package.
+    """
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        @tf.function(reduce_retracing=True)
+        def grad_and_hvp(primals, tangents, *args):
+            with tf.GradientTape() as outer:
+                outer.watch(primals)
+                with tf.GradientTape() as inner:
+                    inner.watch(primals)
+                    value = fn(list(primals), *args)
+                grads = inner.gradient(value, primals,
+                                       unconnected_gradients=tf.UnconnectedGradients.ZERO)
+                dot = tf.add_n([tf.reduce_sum(g * t) for g, t in zip(grads, tangents)])
+            hvps = outer.gradient(dot, primals, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            return grads, hvps
+
+        return grad_and_hvp
+    if backend == "jax":
+        import jax
+
+        @jax.jit
+        def grad_and_hvp(primals, tangents, *args):
+            return jax.jvp(lambda p: jax.grad(fn)(p, *args), (list(primals),), (list(tangents),))
+
+        return grad_and_hvp
+    raise NotImplementedError(
+        f"kquant_ewgs: Hessian-vector products are implemented for the TensorFlow and JAX "
+        f"backends, not {backend!r} (a fixed δ works on every backend)."
+    )
+
+
+def hutchinson_trace(fn, primals, samples=16, seed=0, args=(), compiled=None):
+    """Per-tensor Hutchinson estimates ``E[v_iᵀ(Hv)_i]`` and the gradient at ``primals``.
+
+    ``fn(list_of_tensors, *args) -> scalar``. One joint Rademacher ``v`` per
+    sample; block ``i``'s estimate is unbiased for ``Tr(H_ii)`` because the
+    other blocks of ``v`` are independent with mean 0. ``compiled``: a
+    :func:`_backend_grad_and_hvp` of ``fn`` to reuse. Returns
+    ``(traces: np.ndarray[len(primals)], grads: list[np.ndarray])``.
+    """
+    if int(samples) < 1:
+        raise ValueError(f"hutchinson_trace: `samples` must be >= 1, got {samples}.")
+    grad_and_hvp = compiled or _backend_grad_and_hvp(fn)
+    rng = np.random.default_rng(seed)
+    primals = [ops.convert_to_tensor(p) for p in primals]
+    totals = np.zeros(len(primals))
+    grads = None
+    for _ in range(int(samples)):
+        vs = [rng.choice(np.array([-1.0, 1.0], "float32"), size=tuple(p.shape)) for p in primals]
+        g, hv = grad_and_hvp(primals, [ops.convert_to_tensor(v) for v in vs], *args)
+        totals += [float(np.sum(v * ops.convert_to_numpy(h))) for v, h in zip(vs, hv)]
+        if grads is None:
+            grads = [ops.convert_to_numpy(x) for x in g]
+    return totals / int(samples), grads
+
+
+@dataclasses.dataclass
+class DeltaEstimate:
+    """What δ was computed from, for one estimator (all its calls together)."""
+
+    delta: float
+    trace: float        # Tr(H) w.r.t. x_q (estimated)
+    size: int           # N, number of discrete values
+    grad_std: float     # σ(g_xq)
+
+
+# model -> {(loss, training, calls): (fn, compiled grad-and-HVP)}, dropped with the model.
+_COMPILED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+@contextlib.contextmanager
+def _probes(estimators, probe):
+    try:
+        for est in estimators:
+            est._probe = probe
+        yield
+    finally:
+        for est in estimators:
+            est._probe = None
+
+
+def ewgs_estimators(model, adaptive_only=False):
+    """The EWGS estimators of ``model``'s quantized layers, in layer order."""
+    from kquant.callbacks import estimators_in
+    from kquant_ewgs.estimator import EWGS
+
+    found = estimators_in(model, EWGS)
+    return [e for e in found if e.adaptive] if adaptive_only else found
+
+
+def estimate_deltas(model, x, y, loss=None, estimators=None, samples=16, seed=0,
+                    training=True, eps=1e-12):
+    """EWGS's δ for each estimator from one batch ``(x, y)``: ``{estimator: DeltaEstimate}``.
+
+    ``loss``: a Keras loss (name or callable ``loss(y_true, y_pred)``); default
+    the model's compiled loss. Variables are not changed.
+    """
+    if estimators is None:
+        estimators = ewgs_estimators(model)
+    estimators = list(estimators)
+    if not estimators:
+        return {}
+    loss_fn = keras.losses.get(loss if loss is not None else model.loss)
+    if loss_fn is None:
+        raise ValueError("estimate_deltas: pass `loss` or compile the model with a loss.")
+    x = ops.convert_to_tensor(x)
+    y = ops.convert_to_tensor(y)
+    trainable = [v.value for v in model.trainable_variables]
+    non_trainable = [v.value for v in model.non_trainable_variables]
+
+    calls = []  # (estimator, shape, span) per step call, in call order
+
+    def record(est, q, staircase):
+        calls.append((est, tuple(q.shape), float(staircase.hi - staircase.lo)))
+        return q
+
+    with _probes(estimators, record):
+        model.stateless_call(trainable, non_trainable, x, training=training)
+    if not calls:
+        return {}
+
+    key = (id(loss_fn), bool(training), len(calls))
+    cache = _COMPILED.setdefault(model, {})
+    if key not in cache:
+        def loss_of_probes(ps, trainable, non_trainable, x, y):
+            it = iter(ps)
+
+            def add(est, q, staircase):
+                return q + ops.cast(next(it), q.dtype)
+
+            with _probes(estimators, add):
+                out, _ = model.stateless_call(trainable, non_trainable, x, training=training)
+            return ops.mean(loss_fn(y, out))  # functions like "mse" return per-example values
+
+        cache.clear()
+        cache[key] = (loss_of_probes, _backend_grad_and_hvp(loss_of_probes))
+    loss_of_probes, compiled = cache[key]
+
+    zeros = [np.zeros(shape, "float32") for _, shape, _ in calls]
+    traces_q, grads_q = hutchinson_trace(loss_of_probes, zeros, samples=samples, seed=seed,
+                                         args=(trainable, non_trainable, x, y), compiled=compiled)
+
+    result = {}
+    for est in estimators:
+        idx = [i for i, c in enumerate(calls) if c[0] is est]
+        if not idx:
+            continue
+        trace = sum(calls[i][2] ** 2 * traces_q[i] for i in idx)          # H_xq = span²·H_q
+        g_xq = np.concatenate([calls[i][2] * grads_q[i].ravel() for i in idx])
+        size = int(g_xq.size)
+        std = float(np.std(g_xq))
+        delta = max(0.0, (trace / size) / (3.0 * std + eps))
+        if not np.isfinite(delta):
+            delta = float("nan")
+        result[est] = DeltaEstimate(delta=delta, trace=float(trace), size=size, grad_std=std)
+    return result

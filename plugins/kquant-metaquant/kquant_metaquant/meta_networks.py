@@ -1,0 +1,148 @@
+"""The shared meta networks ``M_φ`` of MetaQuant (Chen et al. 2019, §4.3).
+
+Each is coordinate-wise: every weight is one sample of a batch of size 1
+features, so one network serves all layers whatever their shapes. Inputs are
+flat ``(n,)`` vectors of ``g_Ŵ`` (the loss gradient w.r.t. the quantized
+weight) and ``W̃`` (the pre-processed weight); the output is ``g_W̃``.
+
+* FCGrad  (Eq. 9):  ``M(g) = FCs(g)``
+* MultiFC (Eq. 10): ``M(g, W̃) = g · FCs(W̃)``
+* LSTMFC  (Eq. 11): ``M(g, W̃) = g · FC(LSTM(W̃))`` with a per-coordinate
+  LSTM state ``(h, c)`` of shape ``(n, hidden)`` carried between steps (and
+  treated as a constant, as in the authors' code).
+
+Paper defaults: hidden size 100, two bias-free FC layers, no nonlinearity.
+"""
+
+from __future__ import annotations
+
+import keras
+from keras import ops
+
+_ACTIVATIONS = (None, "relu", "tanh")
+
+
+def _check(hidden, num_layers, activation):
+    if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1:
+        raise ValueError(f"`hidden` must be a positive integer, got {hidden!r}.")
+    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
+        raise ValueError(f"`num_layers` must be a positive integer, got {num_layers!r}.")
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"`activation` must be one of {_ACTIVATIONS}, got {activation!r}.")
+
+
+class MetaNetwork(keras.layers.Layer):
+    """Base: ``meta_gradient(g, W̃, state) -> (g_W̃, new_state)`` on flat vectors."""
+
+    #: number of per-coordinate state tensors, each ``(n, state_width)``
+    state_count = 0
+
+    def __init__(self, hidden=100, num_layers=2, activation=None, **kwargs):
+        super().__init__(**kwargs)
+        _check(hidden, num_layers, activation)
+        self.hidden = hidden
+        self.num_layers = num_layers
+        self.activation = activation
+
+    @property
+    def state_width(self):
+        return self.hidden
+
+    def _fc_stack(self, prefix):
+        """Bias-free ``1 → hidden → … → 1`` kernels (``num_layers`` of them)."""
+        sizes = [1] + [self.hidden] * (self.num_layers - 1) + [1]
+        return [
+            self.add_weight(shape=(a, b), initializer="glorot_uniform", name=f"{prefix}{i}")
+            for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:]))
+        ]
+
+    def _apply_fc(self, kernels, x):
+        """``x`` of shape ``(n, 1)`` through the stack, activation between layers."""
+        for i, k in enumerate(kernels):
+            x = ops.matmul(x, k)
+            if i < len(kernels) - 1 and self.activation is not None:
+                x = ops.relu(x) if self.activation == "relu" else ops.tanh(x)
+        return x
+
+    def initial_state(self, n):
+        return tuple(ops.zeros((n, self.state_width)) for _ in range(self.state_count))
+
+    def meta_gradient(self, grad, soft, state=()):
+        raise NotImplementedError
+
+    def call(self, grad, soft):
+        return self.meta_gradient(grad, soft, self.initial_state(ops.shape(grad)[0]))[0]
+
+    def get_config(self):
+        return {**super().get_config(), "hidden": self.hidden,
+                "num_layers": self.num_layers, "activation": self.activation}
+
+
+@keras.saving.register_keras_serializable(package="kquant_metaquant")
+class FCGradNetwork(MetaNetwork):
+    """FCGrad: ``M(g) = FCs(g)`` (bias-free FC layers on the gradient alone)."""
+
+    def build(self, input_shape=None):
+        self.fc = self._fc_stack("fc")
+        self.built = True
+
+    def meta_gradient(self, grad, soft, state=()):
+        return self._apply_fc(self.fc, ops.reshape(grad, (-1, 1)))[:, 0], ()
+
+
+@keras.saving.register_keras_serializable(package="kquant_metaquant")
+class MultiFCNetwork(MetaNetwork):
+    """MultiFC: ``M(g, W̃) = g · FCs(W̃)``."""
+
+    def build(self, input_shape=None):
+        self.fc = self._fc_stack("fc")
+        self.built = True
+
+    def meta_gradient(self, grad, soft, state=()):
+        return grad * self._apply_fc(self.fc, ops.reshape(soft, (-1, 1)))[:, 0], ()
+
+
+@keras.saving.register_keras_serializable(package="kquant_metaquant")
+class LSTMFCNetwork(MetaNetwork):
+    """LSTMFC: ``M(g, W̃) = g · FC(LSTM(W̃))``, per-coordinate LSTM state ``(h, c)``."""
+
+    state_count = 2
+
+    def __init__(self, hidden=100, num_layers=1, activation=None, **kwargs):
+        super().__init__(hidden=hidden, num_layers=num_layers, activation=activation, **kwargs)
+
+    def build(self, input_shape=None):
+        h = self.hidden
+        self.lstm_kernel = self.add_weight(shape=(1, 4 * h), initializer="glorot_uniform",
+                                           name="lstm_kernel")
+        self.lstm_recurrent = self.add_weight(shape=(h, 4 * h), initializer="orthogonal",
+                                              name="lstm_recurrent_kernel")
+        self.lstm_bias = self.add_weight(shape=(4 * h,), initializer="zeros", name="lstm_bias")
+        self.fc_kernel = self.add_weight(shape=(h, 1), initializer="glorot_uniform", name="fc_kernel")
+        self.fc_bias = self.add_weight(shape=(1,), initializer="zeros", name="fc_bias")
+        self.built = True
+
+    def meta_gradient(self, grad, soft, state=()):
+        h_prev, c_prev = state
+        gates = (ops.matmul(ops.reshape(soft, (-1, 1)), self.lstm_kernel)
+                 + ops.matmul(h_prev, self.lstm_recurrent) + self.lstm_bias)
+        i, f, g, o = ops.split(gates, 4, axis=-1)
+        c = ops.sigmoid(f) * c_prev + ops.sigmoid(i) * ops.tanh(g)
+        h = ops.sigmoid(o) * ops.tanh(c)
+        out = ops.matmul(h, self.fc_kernel)[:, 0] + self.fc_bias[0]
+        return grad * out, (h, c)
+
+
+META_NETWORKS = {"fcgrad": FCGradNetwork, "multifc": MultiFCNetwork, "lstmfc": LSTMFCNetwork}
+
+
+def build_meta_network(kind, hidden=100, num_layers=None, activation=None, name=None):
+    """A built meta network by kind (``fcgrad``, ``multifc``, ``lstmfc``)."""
+    if kind not in META_NETWORKS:
+        raise ValueError(f"`meta_network` must be one of {sorted(META_NETWORKS)}, got {kind!r}.")
+    kwargs = {"hidden": hidden, "activation": activation}
+    if num_layers is not None:
+        kwargs["num_layers"] = num_layers
+    net = META_NETWORKS[kind](name=name or f"meta_{kind}", **kwargs)
+    net.build()
+    return net

@@ -1,0 +1,159 @@
+"""ALQ math against NumPy references: sketching (Alg. 1), bases step, Eq. 23 refit."""
+
+import itertools
+
+import numpy as np
+import pytest
+from keras import ops
+
+from kquant.alq import groups, sketching, steps
+
+
+def _rng(seed=0):
+    return np.random.default_rng(seed)
+
+
+# -- sketching ---------------------------------------------------------------------
+def test_sketch_residual_orthogonal_and_bases_independent():
+    w = _rng().normal(size=(20, 16))
+    bases, alpha, mask = sketching.sketch(w, max_bits=5, sigma=0.0)
+    for g in range(w.shape[0]):
+        active = mask[g] > 0
+        b = bases[g][:, active].astype(np.float64)
+        residual = w[g] - b @ alpha[g, active]
+        np.testing.assert_allclose(b.T @ residual, 0.0, atol=1e-4)
+        assert np.linalg.matrix_rank(b) == active.sum()
+        assert set(np.unique(b)) <= {-1.0, 1.0}
+        assert (alpha[g, active] > 0).all() and (alpha[g, ~active] == 0).all()
+
+
+def test_sketch_error_non_increasing_with_bits_and_capped():
+    w = _rng(1).normal(size=(30, 32))
+    errors = []
+    for bits in range(1, 9):
+        b, a, m = sketching.sketch(w, max_bits=bits, sigma=0.0)
+        assert (m.sum(axis=1) <= bits).all()
+        errors.append(np.sum((w - sketching.reconstruct(b, a, m)) ** 2, axis=1))
+    errors = np.array(errors)
+    assert (np.diff(errors, axis=0) <= 1e-6 * np.sum(w**2, axis=1)).all()
+    assert errors[-1].sum() < 0.2 * errors[0].sum()
+
+
+def test_sketch_stops_at_sigma():
+    w = _rng(2).normal(size=(40, 16))
+    sigma = 0.05
+    b, a, m = sketching.sketch(w, max_bits=8, sigma=sigma)
+    relative = np.sum((w - sketching.reconstruct(b, a, m)) ** 2, axis=1) / np.sum(w**2, axis=1)
+    bits = m.sum(axis=1)
+    assert (relative <= sigma + 1e-6).all()  # stopped once under sigma ...
+    for g in np.flatnonzero(bits > 1):  # ... and not earlier: one basis fewer is above sigma
+        bb, aa, mm = sketching.sketch(w[g:g + 1], max_bits=int(bits[g]) - 1, sigma=0.0)
+        err = np.sum((w[g] - sketching.reconstruct(bb, aa, mm)[0]) ** 2) / np.sum(w[g] ** 2)
+        assert err > sigma
+    assert bits.max() < 8
+
+
+def test_sketch_small_group_and_zero_group():
+    w = np.zeros((2, 3))
+    w[1] = [1.0, -2.0, 0.5]
+    b, a, m = sketching.sketch(w, max_bits=8, sigma=0.0)
+    assert m[0].sum() == 0 and m[1].sum() <= 3
+    np.testing.assert_allclose(sketching.reconstruct(b, a, m), w, atol=1e-5)
+
+
+@pytest.mark.parametrize("bad", [0, 9, 2.5, True])
+def test_invalid_max_bits(bad):
+    with pytest.raises(ValueError, match="max_bits"):
+        sketching.sketch(np.ones((2, 4)), max_bits=bad)
+
+
+def test_group_layouts_roundtrip_and_errors():
+    kernel = _rng(3).normal(size=(3, 3, 4, 5))
+    for spec, n in (("pixel", 4), ("kernel", 9), ("channel", 36), ("subchannel(12)", 12), (6, 6)):
+        layout = groups.GroupLayout(kernel.shape, spec)
+        assert layout.group_size == n and layout.num_groups * n == kernel.size
+        grouped = layout.to_groups_numpy(kernel)
+        np.testing.assert_array_equal(layout.from_groups_numpy(grouped), kernel)
+        np.testing.assert_allclose(ops.convert_to_numpy(layout.to_groups(kernel)), grouped)
+    pixel = groups.GroupLayout(kernel.shape, "pixel").to_groups_numpy(kernel)
+    np.testing.assert_array_equal(pixel[0], kernel[0, 0, :, 0])  # W[c,:,h,w] ↔ kernel[h,w,:,c]
+    k_wise = groups.GroupLayout(kernel.shape, "kernel").to_groups_numpy(kernel)
+    np.testing.assert_array_equal(k_wise[1], kernel[:, :, 1, 0].reshape(-1))
+    with pytest.raises(ValueError, match="does not divide"):
+        groups.GroupLayout((10, 4), "subchannel(3)")
+    with pytest.raises(ValueError, match="Unknown `group`"):
+        groups.GroupLayout((10, 4), "rowwise")
+
+
+# -- bases step --------------------------------------------------------------------
+def _brute_force_bases(target, alpha, mask):
+    """All 2^I combinations per row, active slots only (NumPy reference)."""
+    out = np.zeros(target.shape + (alpha.shape[1],))
+    for g in range(target.shape[0]):
+        active = np.flatnonzero(mask[g] > 0)
+        combos = np.array(list(itertools.product([-1.0, 1.0], repeat=len(active))))
+        levels = combos @ alpha[g, active] if len(active) else np.zeros(1)
+        for j in range(target.shape[1]):
+            best = combos[np.argmin(np.abs(target[g, j] - levels))] if len(active) else []
+            out[g, j, active] = best
+    return out
+
+
+def test_bases_step_equals_brute_force_with_mixed_bitwidths():
+    rng = _rng(4)
+    g, n, bits = 7, 11, 4
+    alpha = rng.uniform(0.1, 1.0, size=(g, bits))
+    mask = np.zeros((g, bits))
+    for i, width in enumerate([0, 1, 2, 3, 4, 2, 4]):
+        mask[i, :width] = 1
+    alpha = alpha * mask
+    old = np.where(rng.random((g, n, bits)) < 0.5, -1.0, 1.0)
+    target = rng.normal(size=(g, n))
+    new = ops.convert_to_numpy(steps.nearest_bases(
+        *(ops.convert_to_tensor(a.astype("float32")) for a in (target, old, alpha, mask))))
+    reference = _brute_force_bases(target, alpha, mask)
+    active = np.broadcast_to(mask[:, None, :] > 0, new.shape)
+    np.testing.assert_array_equal(new[active], reference[active])
+    np.testing.assert_array_equal(new[~active], old[~active])  # masked slots keep old signs
+
+
+# -- coordinate refit (Eq. 23) -------------------------------------------------------
+def test_refit_equals_numpy_solve_of_normal_equations():
+    rng = _rng(5)
+    g, n, bits, ridge = 5, 9, 3, 1e-6
+    bases = np.where(rng.random((g, n, bits)) < 0.5, -1.0, 1.0)
+    mask = np.ones((g, bits))
+    mask[1, 2] = 0
+    mask[3] = 0
+    grad, h = rng.normal(size=(g, n)), rng.uniform(0.5, 2.0, size=(g, n))
+    w_old = rng.normal(size=(g, n))
+    got = ops.convert_to_numpy(steps.refit_coordinates(
+        *(ops.convert_to_tensor(a.astype("float32")) for a in (bases, mask, grad, h, w_old)),
+        ridge=ridge))
+    for i in range(g):
+        active = mask[i] > 0
+        b = bases[i][:, active]
+        expected = np.zeros(bits)
+        if active.any():  # paper Eq. 23: α = −(BᵀHB + λI)⁻¹ Bᵀ(g − H ŵ_old)
+            lhs = b.T @ np.diag(h[i]) @ b + ridge * np.eye(active.sum())
+            expected[active] = -np.linalg.solve(lhs, b.T @ (grad[i] - h[i] * w_old[i]))
+        np.testing.assert_allclose(got[i], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_quadratic_model_never_increases_on_convex_toy_problem():
+    rng = _rng(6)
+    g, n, bits = 16, 24, 3
+    w = rng.normal(size=(g, n))
+    bases, alpha, mask = sketching.sketch(w, bits, 0.0)
+    t = lambda a: ops.convert_to_tensor(np.asarray(a, "float32"))  # noqa: E731
+    for _ in range(5):
+        grad, h = rng.normal(size=(g, n)) * 0.3, rng.uniform(0.2, 3.0, size=(g, n))
+        w_old = sketching.reconstruct(bases, alpha, mask)
+        nb, na = steps.bases_step(t(bases), t(alpha), t(mask), t(grad), t(h), ridge=1e-6)
+        nb, na = ops.convert_to_numpy(nb), ops.convert_to_numpy(na)
+        w_new = sketching.reconstruct(nb, na, mask)
+        f = ops.convert_to_numpy(steps.quadratic_model(t(w_new), t(w_old), t(grad), t(h)))
+        assert (f <= 1e-4).all(), f.max()  # f(ŵ_old) = 0
+        assert (f < -1e-3).mean() > 0.5  # and it actually improves most groups
+        assert (na >= 0).all() and set(np.unique(nb)) <= {-1.0, 1.0}
+        bases, alpha = nb, na

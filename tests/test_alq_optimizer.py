@@ -1,0 +1,206 @@
+"""kquant.optimizers.ALQ: steps against NumPy references, fit/jit/JAX, NaN guard, distribution."""
+
+import warnings
+
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+from kquant.alq import ALQConv2D, ALQDense, steps
+from kquant.optimizers import ALQ
+
+B1, B2, EPS = 0.9, 0.999, 1e-8
+
+
+def _two_logical_cpus():
+    """Split the CPU in two logical devices for MirroredStrategy (before TF initialises)."""
+    if keras.backend.backend() != "tensorflow":
+        return
+    import tensorflow as tf
+
+    try:
+        tf.config.set_logical_device_configuration(
+            tf.config.list_physical_devices("CPU")[0],
+            [tf.config.LogicalDeviceConfiguration()] * 2)
+    except RuntimeError:
+        pass  # runtime already initialised: the mirrored test skips itself
+
+
+_two_logical_cpus()
+
+
+def _layer(units=3, inputs=8, **kw):
+    layer = ALQDense(units, max_bits=3, group=4, **kw)
+    layer.build((None, inputs))
+    return layer
+
+
+def _np(v):
+    return np.asarray(ops.convert_to_numpy(v), dtype=np.float64)
+
+
+def _grads_for(layer, grad_kernel):
+    grads = []
+    for v in layer.trainable_variables:
+        if v is layer.kernel_tap:
+            grads.append(ops.convert_to_tensor(grad_kernel.astype("float32")))
+        else:
+            grads.append(ops.zeros(v.shape))
+    return grads
+
+
+def test_bases_phase_step_equals_numpy_reference():
+    layer = _layer()
+    opt = ALQ(learning_rate=0.05, phase="bases")
+    gk = np.random.default_rng(0).normal(size=(8, 3))
+    bases, alpha, mask = (_np(v) for v in layer.alq_state())
+    opt.apply(_grads_for(layer, gk), layer.trainable_variables)
+    g_w = layer.layout.to_groups_numpy(gk)
+    m, v = (1 - B1) * g_w, (1 - B2) * g_w**2
+    g, h = 0.05 * m / (1 - B1), (np.sqrt(v) + EPS) / np.sqrt(1 - B2)
+    t = lambda a: ops.convert_to_tensor(np.asarray(a, "float32"))  # noqa: E731
+    eb, ea = steps.bases_step(t(bases), t(alpha), t(mask), t(g), t(h), ridge=1e-6)
+    np.testing.assert_allclose(_np(layer.coordinates), _np(ea), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(_np(layer.bases), _np(eb))
+    assert not np.allclose(_np(layer.coordinates), alpha)  # it did move
+    np.testing.assert_array_equal(_np(layer.kernel_tap), 0.0)  # the tap never moves
+
+
+def test_coordinates_phase_is_amsgrad_on_alpha_with_flips():
+    layer = _layer()
+    opt = ALQ(learning_rate=0.01, phase="coordinates", coordinate_l2=0.0)
+    rng = np.random.default_rng(1)
+    bases, alpha, mask = (_np(v) for v in layer.alq_state())
+    m = v = vmax = np.zeros_like(alpha)
+    for step in range(1, 4):
+        gk = rng.normal(size=(8, 3))
+        opt.apply(_grads_for(layer, gk), layer.trainable_variables)
+        g_a = np.einsum("gni,gn->gi", bases, layer.layout.to_groups_numpy(gk)) * mask
+        m = B1 * m + (1 - B1) * g_a
+        v = B2 * v + (1 - B2) * g_a**2
+        vmax = np.maximum(vmax, v)
+        alpha = (alpha - 0.01 * (m / (1 - B1**step)) /
+                 (np.sqrt(vmax) / np.sqrt(1 - B2**step) + EPS)) * mask
+        sign = np.where(alpha < 0, -1.0, 1.0)
+        alpha, bases, m = alpha * sign, bases * sign[:, None, :], m * sign
+    np.testing.assert_allclose(_np(layer.coordinates), alpha, rtol=1e-4, atol=1e-6)
+    np.testing.assert_array_equal(_np(layer.bases), bases)
+
+
+def test_inner_adam_trains_bias():
+    layer = _layer()
+    opt = ALQ(learning_rate=0.1)
+    grads = _grads_for(layer, np.zeros((8, 3)))
+    grads[[v is layer.bias for v in layer.trainable_variables].index(True)] = ops.ones((3,))
+    opt.apply(grads, layer.trainable_variables)
+    # Adam's first step is lr·sign(g).
+    np.testing.assert_allclose(_np(layer.bias), -0.1 * np.ones(3), rtol=1e-5)
+
+
+def test_non_finite_gradient_skips_and_warns_once():
+    layer = _layer()
+    opt = ALQ(learning_rate=0.1)
+    before = [_np(v) for v in layer.alq_state()]
+    gk = np.ones((8, 3))
+    gk[0, 0] = np.nan
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt.apply(_grads_for(layer, gk), layer.trainable_variables)
+        gk[0, 0] = np.inf
+        opt.apply(_grads_for(layer, gk), layer.trainable_variables)
+    assert sum("NaN/inf" in str(w.message) for w in caught) == 1
+    assert opt.non_finite_steps == 2
+    for b, a in zip(before, layer.alq_state()):
+        np.testing.assert_array_equal(_np(a), b)
+    slots = opt.alpha_moments(layer)
+    assert all(np.all(_np(s) == 0) for s in slots)
+    opt.apply(_grads_for(layer, np.ones((8, 3))), layer.trainable_variables)  # recovers
+    assert not np.array_equal(_np(layer.coordinates), before[1])
+
+
+def test_invalid_configs_name_the_argument():
+    with pytest.raises(ValueError, match="max_bits"):
+        ALQDense(3, max_bits=0)
+    with pytest.raises(ValueError, match="max_bits"):
+        ALQDense(3, max_bits=9)
+    with pytest.raises(ValueError, match="group"):
+        ALQDense(3, group="diagonal")
+    with pytest.raises(ValueError, match="does not divide"):
+        ALQDense(3, group=5).build((None, 8))
+    with pytest.raises(ValueError, match="phase"):
+        ALQ(phase="latent")
+    with pytest.raises(ValueError, match="beta_1"):
+        ALQ(beta_1=1.5)
+
+
+def _data(n=64):
+    rng = np.random.default_rng(2)
+    x = rng.random((n, 6, 6, 2)).astype("float32")
+    y = (x[:, :3].mean(axis=(1, 2, 3)) > x[:, 3:].mean(axis=(1, 2, 3))).astype("int32")
+    return x, y
+
+
+def _model():
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((6, 6, 2))
+    h = ALQConv2D(4, 3, padding="same", activation="relu", max_bits=3)(inputs)
+    h = keras.layers.Flatten()(h)
+    return keras.Model(inputs, ALQDense(2, max_bits=3, group=16)(h))
+
+
+@pytest.mark.parametrize("jit", [
+    pytest.param(False, marks=pytest.mark.tf_only),  # un-jitted JAX runs op by op: minutes
+    True,
+])
+def test_fit_lowers_loss_in_both_phases(jit):
+    x, y = _data()
+    model = _model()
+    model.compile(ALQ(1e-2), keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  jit_compile=jit)
+    loss0 = model.evaluate(x, y, verbose=0)
+    model.fit(x, y, epochs=4, batch_size=16, verbose=0)
+    loss1 = model.evaluate(x, y, verbose=0)
+    model.optimizer.phase = "coordinates"
+    model.optimizer.learning_rate.assign(1e-2)
+    model.fit(x, y, epochs=4, batch_size=16, verbose=0)
+    loss2 = model.evaluate(x, y, verbose=0)
+    assert loss1 < loss0 and loss2 < loss1, (loss0, loss1, loss2)
+    for layer in model.layers:
+        if hasattr(layer, "bases"):
+            assert set(np.unique(_np(layer.bases))) <= {-1.0, 1.0}
+            assert (_np(layer.coordinates) >= 0).all()
+
+
+def test_prune_phase_holds_state():
+    x, y = _data(32)
+    model = _model()
+    model.compile(ALQ(1e-2, phase="prune"), keras.losses.SparseCategoricalCrossentropy(True))
+    before = [_np(v) for v in model.layers[1].alq_state()]
+    model.fit(x, y, epochs=1, batch_size=16, verbose=0)
+    for b, a in zip(before, model.layers[1].alq_state()):
+        np.testing.assert_array_equal(_np(a), b)
+    assert np.abs(_np(model.optimizer.alpha_moments(model.layers[1])[0])).sum() > 0
+
+
+@pytest.mark.tf_only
+def test_mirrored_strategy_matches_single_replica():
+    import tensorflow as tf
+
+    if len(tf.config.list_logical_devices("CPU")) < 2:
+        pytest.skip("TF runtime already initialised with one logical CPU")
+    x, y = _data()
+
+    def run(strategy):
+        with strategy.scope():
+            model = _model()
+            model.compile(ALQ(1e-2), keras.losses.SparseCategoricalCrossentropy(True))
+        model.fit(x, y, epochs=2, batch_size=16, verbose=0, shuffle=False)
+        model.optimizer.phase = "coordinates"
+        model.fit(x, y, epochs=2, batch_size=16, verbose=0, shuffle=False)
+        return [_np(w) for w in model.weights]
+
+    single = run(tf.distribute.get_strategy())
+    mirrored = run(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))
+    for a, b in zip(single, mirrored):
+        np.testing.assert_allclose(a, b, atol=1e-5)

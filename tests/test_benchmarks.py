@@ -1,0 +1,307 @@
+"""Smoke tests of the benchmarks/ suite: every benchmark end to end at tiny scale,
+the harness CLI (``python -m benchmarks`` and ``kquant bench``), the strategy seam.
+
+Not timed: the numbers are checked for being finite and sane, and for the
+relations that must hold whatever the speed of the machine.
+"""
+
+import json
+import math
+import pathlib
+import sys
+import types
+
+import keras
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # the suite lives in the checkout, not in site-packages
+    sys.path.insert(0, str(ROOT))
+
+import benchmarks  # noqa: E402
+from benchmarks import common  # noqa: E402
+from benchmarks.__main__ import main as bench_main  # noqa: E402
+
+BACKEND = keras.backend.backend()
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+# -- every benchmark at tiny scale -------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """Run each benchmark once per module at tiny scale; skip those whose plugin is missing."""
+    cache = {}
+
+    def run(name):
+        if name not in cache:
+            cfg = common.BenchConfig(tiny=True, batch_size=64, seed=0,
+                                     out_dir=str(tmp_path_factory.mktemp("bench")))
+            try:
+                cache[name] = (cfg, *benchmarks.run_benchmark(
+                    name, cfg, command=f"python -m benchmarks {name} --tiny --batch-size 64"))
+            except Exception as e:
+                if benchmarks.is_missing_plugin(e):
+                    cache[name] = e
+                else:
+                    raise
+        if isinstance(cache[name], Exception):
+            pytest.skip(f"{name}: a plugin it needs is not installed ({cache[name]})")
+        return cache[name]
+
+    return run
+
+
+@pytest.mark.parametrize("name", benchmarks.names())
+def test_benchmark_runs_end_to_end_at_tiny_scale(name, tiny_run):
+    cfg, result, folder = tiny_run(name)
+    assert folder == pathlib.Path(cfg.out_dir) / result.name
+    saved = json.loads((folder / "results.json").read_text())
+    assert saved["name"] == result.name
+    assert saved["rows"], "a benchmark must produce rows"
+    assert common.sanity_problems(saved["rows"]) == []
+    assert saved["meta"]["config"]["tiny"] is True
+    assert saved["meta"]["environment"]["backend"] == BACKEND
+    markdown = (folder / "results.md").read_text()
+    assert f"python -m benchmarks {name} --tiny" in markdown
+    assert markdown.count("\n|") >= len(saved["rows"]) + 1  # header, separator, one line a row
+    if result.plot is not None:
+        assert (folder / "plot.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_estimators_trains_every_chosen_estimator_from_the_same_start(tiny_run):
+    _, result, _ = tiny_run("estimators")
+    rows = {r["estimator"]: r for r in result.rows}
+    assert list(rows)[0] == "float"
+    assert "ste" in rows
+    from kquant import estimators
+
+    packages = {p.package if p.package != "?" else p.cls.__module__.split(".")[0]
+                for p in estimators.registry.info()}
+    # tiny scale: STE plus one estimator of every installed plugin package
+    assert {r["package"] for r in result.rows} >= packages - {"?"}
+    for name, row in rows.items():
+        assert row["status"] == "ok", f"{name}: {row['status']}"
+        for key in ("test_acc", "test_loss", "train_loss", "loss_before", "step_ms", "time_vs_float"):
+            assert math.isfinite(row[key]), (name, key)
+    # the float twin and the STE net learn (loss on the test set goes down)
+    for name in ("float", "ste"):
+        assert rows[name]["test_loss"] < rows[name]["loss_before"], name
+    # same initial weights, same forward quantizer: identical loss before training
+    quantized = [r for r in result.rows if r["estimator"] != "float"]
+    for row in quantized:
+        assert row["loss_before"] == pytest.approx(rows["ste"]["loss_before"], rel=1e-5), row["estimator"]
+    assert rows["ste"]["time_vs_ste"] == 1.0 and rows["float"]["time_vs_float"] == 1.0
+    for row in result.rows:
+        assert row["time_vs_float"] == pytest.approx(row["step_ms"] / rows["float"]["step_ms"])
+
+
+def test_overhead_times_every_variant_against_its_float_layer(tiny_run):
+    _, result, _ = tiny_run("overhead")
+    from benchmarks import overhead
+
+    groups = {}
+    for row in result.rows:
+        groups.setdefault((row["layer"], row["size"]), {})[row["variant"]] = row
+    assert {layer for layer, _ in groups} == {"dense", "conv2d"}
+    for (layer, size), variants in groups.items():
+        assert set(overhead.TINY_VARIANTS) <= set(variants), (layer, size)
+        float_row = variants["float"]
+        assert float_row["time_vs_float"] == 1.0
+        for name, row in variants.items():
+            assert row["step_ms"] > 0
+            assert row["time_vs_float"] == pytest.approx(row["step_ms"] / float_row["step_ms"])
+            if name.startswith("sign"):  # binary layers keep exactly the float layer's weights
+                assert row["params"] == float_row["params"]
+    if not overhead.larq_available():
+        assert "not importable" in result.meta["larq"]
+        assert not any(r["variant"].startswith("larq") for r in result.rows)
+
+
+# -- harness CLI ----------------------------------------------------------------
+def _fake_benchmark(name, run):
+    module = types.ModuleType(f"benchmarks.{name}")
+    module.run = run
+    return module
+
+
+@pytest.fixture
+def fake_suite(monkeypatch):
+    """Cheap stand-in benchmarks, so the CLI is tested without training anything."""
+
+    def echo(cfg):
+        return common.Result("echo", [{
+            "epochs": cfg.epochs, "batch_size": cfg.batch_size, "seed": cfg.seed,
+            "quick": cfg.quick, "tiny": cfg.tiny, "strategy": cfg.strategy,
+            "dataset": cfg.dataset, "bits": cfg.option("bits"), "tag": cfg.option("tag"),
+        }])
+
+    def missing(cfg):
+        common.require("surely_not_an_estimator")
+
+    def broken(cfg):
+        raise RuntimeError("boom")
+
+    fakes = {"echo": echo, "missing": missing, "broken": broken}
+    for name, fn in fakes.items():
+        monkeypatch.setitem(sys.modules, f"benchmarks.{name}", _fake_benchmark(name, fn))
+    monkeypatch.setattr(benchmarks, "names", lambda: sorted(fakes))
+    return fakes
+
+
+def test_cli_forwards_every_option_to_the_benchmark(fake_suite, tmp_path):
+    out = CliRunner().invoke(bench_main, [
+        "echo", "--tiny", "--epochs", "3", "--batch-size", "16", "--seed", "7", "--full",
+        "-o", "bits=2", "-o", "tag=abc", "--out-dir", str(tmp_path)])
+    assert out.exit_code == 0, out.output
+    saved = json.loads((tmp_path / "echo" / "results.json").read_text())
+    assert saved["rows"] == [{"epochs": 3, "batch_size": 16, "seed": 7, "quick": False, "tiny": True,
+                              "strategy": "default", "dataset": "digits", "bits": 2, "tag": "abc"}]
+    command = saved["meta"]["command"]
+    assert command.startswith("python -m benchmarks echo --tiny")
+    assert "--epochs 3" in command and "-o bits=2" in command and str(tmp_path) not in command
+    assert command in (tmp_path / "echo" / "results.md").read_text()
+
+
+def test_cli_all_reports_skips_and_failures_without_stopping(fake_suite, tmp_path):
+    out = CliRunner().invoke(bench_main, ["all", "--tiny", "--out-dir", str(tmp_path)])
+    assert out.exit_code == 1  # one benchmark failed
+    assert "broken: FAILED: RuntimeError: boom" in out.output
+    assert "missing: skipped:" in out.output and "surely_not_an_estimator" in out.output
+    assert "echo: ok" in out.output
+    assert (tmp_path / "echo" / "results.json").is_file()
+    assert not (tmp_path / "broken").exists()
+
+
+def test_cli_rejects_bad_input_naming_the_argument(fake_suite, tmp_path):
+    runner = CliRunner()
+    out = runner.invoke(bench_main, ["nonesuch", "--out-dir", str(tmp_path)])
+    assert out.exit_code == 2 and "NAME" in out.output and "unknown benchmark" in out.output
+    out = runner.invoke(bench_main, ["echo", "-o", "novalue", "--out-dir", str(tmp_path)])
+    assert out.exit_code == 2 and "--option" in out.output and "KEY=VALUE" in out.output
+    out = runner.invoke(bench_main, ["echo", "--strategy", "bogus"])
+    assert out.exit_code == 2 and "--strategy" in out.output
+    wrong = "data_parallel" if BACKEND == "tensorflow" else "mirrored"
+    out = runner.invoke(bench_main, ["echo", "--strategy", wrong, "--out-dir", str(tmp_path)])
+    assert out.exit_code == 2 and "--strategy" in out.output and BACKEND in out.output
+    out = runner.invoke(bench_main, [])
+    assert out.exit_code == 2 and "Missing argument NAME" in out.output
+    out = runner.invoke(bench_main, ["--list"])
+    assert out.exit_code == 0 and out.output.split() == ["broken", "echo", "missing"]
+
+
+def test_kquant_bench_forwards_from_the_repository_root(fake_suite, tmp_path, monkeypatch):
+    from kquant.bench import bench_command
+
+    monkeypatch.chdir(ROOT)
+    out = CliRunner().invoke(bench_command, ["echo", "--tiny", "-o", "bits=4", "--out-dir", str(tmp_path)])
+    assert out.exit_code == 0, out.output
+    saved = json.loads((tmp_path / "echo" / "results.json").read_text())
+    assert saved["rows"][0]["bits"] == 4 and saved["rows"][0]["tiny"] is True
+    help_text = CliRunner().invoke(bench_command, ["--help"]).output
+    assert "kquant bench" in help_text and "--strategy" in help_text
+
+
+def test_kquant_bench_outside_the_repository_says_where_to_run(tmp_path, monkeypatch):
+    from kquant.bench import bench_command
+
+    monkeypatch.chdir(tmp_path)
+    out = CliRunner().invoke(bench_command, ["estimators"])
+    assert out.exit_code != 0
+    assert "repository root" in out.output and "benchmarks/" in out.output
+
+
+def test_every_benchmark_module_exposes_run():
+    names = benchmarks.names()
+    assert {"estimators", "overhead"} <= set(names)
+    assert "common" not in names
+    for name in names:
+        assert callable(benchmarks.load(name).run)
+    with pytest.raises(ValueError, match="Unknown benchmark 'nope'"):
+        benchmarks.load("nope")
+
+
+# -- strategy seam ---------------------------------------------------------------
+def test_check_strategy_names_the_argument_and_the_backend():
+    with pytest.raises(ValueError, match="`strategy`.*bogus"):
+        common.check_strategy("bogus")
+    wrong, hint = (("data_parallel", "mirrored") if BACKEND == "tensorflow"
+                   else ("mirrored", "data_parallel"))
+    with pytest.raises(ValueError, match=f"not available on the {BACKEND} backend.*{hint}"):
+        common.check_strategy(wrong)
+    assert common.check_strategy("default") == "default"
+
+
+def _fit_tiny_classifier():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((32, 4)).astype("float32")
+    y = (x[:, 0] > 0).astype("int32")
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    common.compile_classifier(model, keras.optimizers.SGD(0.5))
+    before = model.evaluate(x, y, verbose=0)[0]
+    model.fit(x, y, batch_size=16, epochs=5, verbose=0)
+    return model, before, model.evaluate(x, y, verbose=0)[0]
+
+
+@pytest.mark.tf_only
+def test_mirrored_strategy_builds_and_trains_models_in_its_scope():
+    import tensorflow as tf
+
+    with common.strategy_scope("mirrored") as strategy:
+        assert isinstance(strategy, tf.distribute.MirroredStrategy)
+        assert not common.jit_compile_allowed()
+        model, before, after = _fit_tiny_classifier()
+        assert common.environment()["strategy"] == "mirrored"
+    assert model.distribute_strategy is strategy
+    assert model.jit_compile is False  # XLA is not supported under MirroredStrategy
+    assert after < before
+    assert common.jit_compile_allowed()
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="keras.distribution.DataParallel is the JAX seam")
+def test_data_parallel_distribution_on_jax():
+    with common.strategy_scope("data_parallel") as dist:
+        assert isinstance(dist, keras.distribution.DataParallel)
+        assert keras.distribution.distribution() is dist
+        _, before, after = _fit_tiny_classifier()
+        assert common.environment()["replicas"] == len(keras.distribution.list_devices())
+    assert keras.distribution.distribution() is None
+    assert after < before
+
+
+# -- helpers ---------------------------------------------------------------------
+def test_sanity_problems_flags_non_finite_and_implausible_numbers():
+    good = [{"name": "a", "test_acc": 0.9, "loss": 0.1, "step_ms": 2.0, "time_vs_float": 1.2,
+             "acc_vs_ste": -0.05, "status": "ok", "missing": None}]
+    assert common.sanity_problems(good) == []
+    assert common.sanity_problems([]) == ["no rows"]
+    bad = [{"test_acc": float("nan")}, {"val_acc": 101.0}, {"train_loss": -1.0},
+           {"step_ms": 0.0}, {"time_vs_ste": float("inf")}]
+    problems = common.sanity_problems(bad)
+    assert len(problems) == 5
+    assert "not finite" in problems[0] and "accuracy" in problems[1] and "loss" in problems[2]
+
+
+def test_compare_step_times_gives_a_positive_median_per_model():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((16, 3)).astype("float32")
+    y = rng.standard_normal((16, 2)).astype("float32")
+    models = {}
+    for name in ("a", "b"):
+        models[name] = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+        models[name].compile(optimizer="sgd", loss="mse")
+    times = common.compare_step_times(models, x, y, batch_size=8, steps=4, warmup=1, rounds=2)
+    assert set(times) == {"a", "b"}
+    assert all(math.isfinite(t) and t > 0 for t in times.values())
+    assert len(common.timed_fit_steps(models["a"], x, y, 8, 3)) == 3
+
+
+def test_require_names_the_missing_plugin_and_its_package():
+    common.require("ste", "uniform")
+    with pytest.raises(common.MissingPlugin, match="'no_such_thing' is not installed"):
+        common.require("no_such_thing")
+    with pytest.raises(common.MissingPlugin, match="module 'no_such_module_xyz'"):
+        common.require(modules=["no_such_module_xyz"])
+    assert benchmarks.is_missing_plugin(common.MissingPlugin("x"))
+    assert not benchmarks.is_missing_plugin(RuntimeError("x"))

@@ -1,0 +1,121 @@
+"""Forward quantizers: allowed levels, idempotence, exact encode/decode, validation."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import array_shapes, arrays
+from keras import ops
+
+import kquant
+from kquant.quantizers import BWN, DoReFa, Sign, Uniform
+
+# subnormals excluded: TF flushes them to zero on CPU (sign(-1e-40) = +1 there)
+FLOATS = st.floats(-1e3, 1e3, allow_nan=False, allow_infinity=False, allow_subnormal=False,
+                   width=32)
+TENSORS = arrays("float32", array_shapes(min_dims=1, max_dims=3, max_side=4), elements=FLOATS)
+
+
+def run(q, x):
+    x = np.asarray(x, "float32")
+    if not q.built:
+        q.build(x.shape)
+    return ops.convert_to_numpy(q(x, training=False))
+
+
+@settings(max_examples=15, deadline=None, derandomize=True)
+@given(TENSORS)
+def test_sign_levels_and_idempotence(x):
+    q = Sign()
+    y = run(q, x)
+    np.testing.assert_array_equal(y, np.where(x >= 0, 1.0, -1.0))
+    np.testing.assert_array_equal(run(q, y), y)
+
+
+@settings(max_examples=15, deadline=None, derandomize=True)
+@given(TENSORS, st.booleans())
+def test_bwn_levels_and_idempotence(x, per_channel):
+    q = BWN(per_channel=per_channel)
+    y = run(q, x)
+    axes = tuple(range(x.ndim - 1)) if per_channel else None
+    scale = np.mean(np.abs(x), axis=axes, keepdims=True)
+    np.testing.assert_allclose(y, np.where(x >= 0, 1.0, -1.0) * scale, rtol=1e-6)
+    np.testing.assert_allclose(run(BWN(per_channel=per_channel), y), y, rtol=1e-5)
+
+
+@settings(max_examples=15, deadline=None, derandomize=True)
+@given(TENSORS, st.integers(1, 6))
+def test_dorefa_levels(x, bits):
+    y = run(DoReFa(bits=bits), x)
+    levels = 2 * np.arange(2**bits) / (2**bits - 1) - 1
+    assert np.all(np.min(np.abs(y[..., None] - levels), axis=-1) < 1e-6)
+    t = np.tanh(x.astype("float64"))
+    w = t / (2 * max(np.abs(t).max(), 1e-12)) + 0.5
+    ref = 2 * np.floor((2**bits - 1) * w + 0.5) / (2**bits - 1) - 1
+    close = np.abs(((2**bits - 1) * w) % 1 - 0.5) > 1e-4  # away from float ties
+    np.testing.assert_allclose(y[close], ref[close], atol=1e-6)
+
+
+@settings(max_examples=15, deadline=None, derandomize=True)
+@given(TENSORS, st.integers(2, 8), st.booleans(), st.floats(0.01, 4.0))
+def test_uniform_fixed_step_levels_and_idempotence(x, bits, symmetric, step):
+    q = Uniform(bits=bits, symmetric=symmetric, step=step)
+    y = run(q, x)
+    lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if symmetric else (0, 2**bits - 1)
+    k = y / np.float32(step)
+    np.testing.assert_allclose(k, np.round(k), atol=1e-3)
+    assert k.min() >= lo - 1e-3 and k.max() <= hi + 1e-3
+    np.testing.assert_array_equal(run(q, y), y)
+
+
+def test_uniform_learnable_step_initialises_from_data_and_gets_gradient():
+    from tests.helpers import grad
+
+    x = np.random.default_rng(0).normal(size=(64, 4)).astype("float32")
+    q = Uniform(bits=4)
+    q.build(x.shape)
+    run(q, x)
+    init = 2 * np.mean(np.abs(x)) / np.sqrt(7)
+    np.testing.assert_allclose(ops.convert_to_numpy(q.step_init), init, rtol=1e-5)
+    # a second batch does not re-initialise
+    run(q, 10 * x)
+    np.testing.assert_allclose(ops.convert_to_numpy(q.step_init), init, rtol=1e-5)
+    # LSQ-style gradient reaches the step through Δ·step(x/Δ)
+    from tests.helpers import variable_grads
+
+    (g,) = variable_grads(q, lambda: ops.sum(q(x, training=True) ** 2))
+    assert np.isfinite(g).all() and abs(float(np.sum(g))) > 0
+    _ = grad
+
+
+@pytest.mark.parametrize("q", [Sign(), BWN(), BWN(per_channel=True), DoReFa(bits=3),
+                               Uniform(bits=4, step=0.1), Uniform(bits=3, symmetric=False),
+                               Uniform(bits=5, per_channel=True)],
+                         ids=lambda q: q.name)
+def test_encode_decode_is_exact_and_packable(q):
+    x = np.random.default_rng(0).normal(size=(3, 3, 2, 5)).astype("float32")
+    y = run(q, x)
+    codes, params = q.encode(x)
+    assert codes.min() >= 0 and codes.max() < 2**q.precision
+    np.testing.assert_array_equal(ops.convert_to_numpy(q.decode(codes, params)), y)
+
+
+@pytest.mark.parametrize("make, arg", [
+    (lambda: DoReFa(bits=0), "bits"), (lambda: DoReFa(bits=33), "bits"),
+    (lambda: DoReFa(bits=2.5), "bits"), (lambda: Uniform(bits=1), "bits"),
+    (lambda: Uniform(bits=4, step=-1.0), "step"),
+    (lambda: Uniform(bits=4, step=0.5, per_channel=True), "per_channel"),
+    (lambda: Uniform(bits=4, offset=1.0), "offset"),
+])
+def test_invalid_quantizer_arguments_are_named(make, arg):
+    with pytest.raises(ValueError, match=arg):
+        make()
+
+
+def test_quantizer_factory_and_serialization_round_trip():
+    q = kquant.quantizer("dorefa", bits=3, estimator="htge")
+    assert q.precision == 3 and type(q.estimator).__name__ == "HTGE"
+    again = kquant.quantizers.get(kquant.quantizers.serialize(q))
+    assert again.get_config() == q.get_config()
+    with pytest.raises(ValueError, match=r"Installed quantizers: .*dorefa.*uniform"):
+        kquant.quantizer("ternary")
