@@ -15,7 +15,14 @@ import time
 import keras
 import numpy as np
 
-from benchmarks.common import BenchConfig, Result, compile_classifier, load_data, set_seed
+from benchmarks.common import (
+    BenchConfig,
+    Result,
+    compare_step_times,
+    compile_classifier,
+    load_data,
+    set_seed,
+)
 
 
 def _require_plugin():
@@ -57,22 +64,6 @@ def _models(x_shape, num_classes, bits, width):
     return models
 
 
-def interleaved_step_times(models, x, y, batch_size, rounds=5, steps=5):
-    """Median train-step seconds per model, timed in alternating rounds."""
-    xb, yb = x[:batch_size], y[:batch_size]
-    for m in models.values():
-        for _ in range(3):
-            m.train_on_batch(xb, yb)
-    times = {k: [] for k in models}
-    for _ in range(rounds):
-        for k, m in models.items():
-            for _ in range(steps):
-                t0 = time.perf_counter()
-                m.train_on_batch(xb, yb)
-                times[k].append(time.perf_counter() - t0)
-    return {k: float(np.median(v)) for k, v in times.items()}
-
-
 def run(cfg: BenchConfig) -> Result:
     _require_plugin()
     set_seed(cfg.seed)
@@ -92,8 +83,8 @@ def run(cfg: BenchConfig) -> Result:
         loss, acc = m.evaluate(xt, yt, verbose=0)
         rows.append({"estimator": name, "test_accuracy": float(acc), "test_loss": float(loss),
                      "fit_seconds": fit_s})
-    times = interleaved_step_times(models, x, y, cfg.batch_size,
-                                   rounds=2 if cfg.tiny else 5, steps=3 if cfg.tiny else 10)
+    times = compare_step_times(models, x, y, cfg.batch_size,
+                               steps=6 if cfg.tiny else 50, rounds=2 if cfg.tiny else 5)
     for row in rows:
         row["step_ms"] = 1e3 * times[row["estimator"]]
         row["step_time_ratio_to_ste"] = times[row["estimator"]] / times["ste"]
