@@ -17,8 +17,14 @@ import time
 import keras
 import numpy as np
 
-from benchmarks.common import BenchConfig, Result, compile_classifier, load_data, set_seed
-from benchmarks.maniquant import interleaved_step_times
+from benchmarks.common import (
+    BenchConfig,
+    Result,
+    compare_step_times,
+    compile_classifier,
+    load_data,
+    set_seed,
+)
 
 
 def _require_plugin():
@@ -94,8 +100,8 @@ def run(cfg: BenchConfig) -> Result:
             row["delta_refreshes"] = len(cb.history)
             row["mean_delta"] = float(np.mean(list(deltas.values()))) if deltas else 0.0
         rows.append(row)
-    times = interleaved_step_times(models, x, y, cfg.batch_size,
-                                   rounds=2 if cfg.tiny else 5, steps=3 if cfg.tiny else 10)
+    times = compare_step_times(models, x, y, cfg.batch_size,
+                               steps=6 if cfg.tiny else 50, rounds=2 if cfg.tiny else 5)
     for row in rows:
         row["step_ms"] = 1e3 * times[row["estimator"]]
         row["step_time_ratio_to_ste"] = times[row["estimator"]] / times["ste"]
