@@ -104,3 +104,29 @@ class FlipRatio(keras.callbacks.Callback):
         if logs is not None and self._epoch_values:
             logs["flip_ratio"] = float(np.mean(self._epoch_values))
         self._epoch_values = []
+
+
+class NonFiniteReport(keras.callbacks.Callback):
+    """Warns once when the optimizer skipped steps for NaN/inf gradients.
+
+    Reads :class:`kquant.optimizers.SkipNonFinite`'s ``skipped_steps`` or
+    :class:`kquant.optimizers.ALQ`'s ``non_finite_steps`` at each epoch end
+    (and at train end) and logs the count as ``skipped_steps``.
+    """
+
+    def _check(self, logs=None):
+        opt = getattr(self.model, "optimizer", None)
+        warn = getattr(opt, "warn_if_skipped", None) or getattr(opt, "warn_if_non_finite", None)
+        if warn is None:
+            return
+        count = warn()
+        if count is None:
+            count = getattr(opt, "non_finite_steps", 0)
+        if logs is not None:
+            logs["skipped_steps"] = int(count)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._check(logs)
+
+    def on_train_end(self, logs=None):
+        self._check(None)

@@ -7,9 +7,10 @@ import dataclasses
 import keras
 
 from kquant import datasets, models, quantizers
-from kquant.callbacks import EDESchedule, FlipRatio, estimators_in
+from kquant.callbacks import EDESchedule, FlipRatio, NonFiniteReport, estimators_in
 from kquant.convert import quantize_model
 from kquant.estimators.ede import EDE
+from kquant.optimizers.skip_non_finite import SkipNonFinite
 
 
 @dataclasses.dataclass
@@ -37,7 +38,7 @@ def make_quantizer(name, bits=None, estimator=None, **kwargs):
 
 def compile_model(model, learning_rate=1e-3):
     model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate),
+        optimizer=SkipNonFinite(keras.optimizers.Adam(learning_rate)),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
     )
@@ -69,6 +70,7 @@ def fit(dataset="digits", model="small_convnet", kernel_quantizer="bwn", bits=No
     cbs = list(callbacks)
     if estimators_in(qm, EDE):
         cbs.append(EDESchedule())
+    cbs.append(NonFiniteReport())
     cbs.append(FlipRatio(every=max(1, len(x) // batch_size // 4)))
     history = qm.fit(x, y, epochs=epochs, batch_size=batch_size, verbose=verbose,
                      validation_data=(xt, yt), callbacks=cbs)

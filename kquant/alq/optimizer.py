@@ -123,6 +123,7 @@ class ALQ(keras.optimizers.Optimizer):
             warnings.warn(f"ALQ: {count} layer step(s) had NaN/inf gradients and were skipped "
                           "(bases, coordinates and moments left unchanged).", RuntimeWarning,
                           stacklevel=2)
+        return count
 
     # -- state -------------------------------------------------------------------
     def build(self, variables):
