@@ -187,6 +187,8 @@ def run(cfg):
             row.update(_train(model, cfg, data, epochs, optimizer, lr, callbacks))
             row["status"] = "ok"
             models[name] = model
+        except NotImplementedError as e:  # e.g. MetaQuant on the torch backend
+            row["status"] = f"unsupported: {str(e).splitlines()[0][:160]}"
         except Exception as e:  # a plugin that cannot train this setup is reported, not fatal
             row["status"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
             row["traceback"] = traceback.format_exc(limit=3)

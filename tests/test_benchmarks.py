@@ -41,11 +41,15 @@ def tiny_run(tmp_path_factory):
             try:
                 cache[name] = (cfg, *benchmarks.run_benchmark(
                     name, cfg, command=f"python -m benchmarks {name} --tiny --batch-size 64"))
+            except NotImplementedError as e:  # e.g. MetaQuant on torch: refused by design
+                cache[name] = e
             except Exception as e:
                 if benchmarks.is_missing_plugin(e):
                     cache[name] = e
                 else:
                     raise
+        if isinstance(cache[name], NotImplementedError):
+            pytest.skip(f"{name}: not supported on the {BACKEND} backend ({cache[name]})")
         if isinstance(cache[name], Exception):
             pytest.skip(f"{name}: a plugin it needs is not installed ({cache[name]})")
         return cache[name]
@@ -82,6 +86,9 @@ def test_estimators_trains_every_chosen_estimator_from_the_same_start(tiny_run):
     # tiny scale: STE plus one estimator of every installed plugin package
     assert {r["package"] for r in result.rows} >= packages - {"?"}
     for name, row in rows.items():
+        if BACKEND == "torch" and row["package"] == "kquant-metaquant":
+            assert row["status"].startswith("unsupported"), row["status"]  # TF/JAX only, by design
+            continue
         assert row["status"] == "ok", f"{name}: {row['status']}"
         for key in ("test_acc", "test_loss", "train_loss", "loss_before", "step_ms", "time_vs_float"):
             assert math.isfinite(row[key]), (name, key)
@@ -89,11 +96,11 @@ def test_estimators_trains_every_chosen_estimator_from_the_same_start(tiny_run):
     for name in ("float", "ste"):
         assert rows[name]["test_loss"] < rows[name]["loss_before"], name
     # same initial weights, same forward quantizer: identical loss before training
-    quantized = [r for r in result.rows if r["estimator"] != "float"]
+    quantized = [r for r in result.rows if r["estimator"] != "float" and r["status"] == "ok"]
     for row in quantized:
         assert row["loss_before"] == pytest.approx(rows["ste"]["loss_before"], rel=1e-5), row["estimator"]
     assert rows["ste"]["time_vs_ste"] == 1.0 and rows["float"]["time_vs_float"] == 1.0
-    for row in result.rows:
+    for row in [rows["float"], *quantized]:
         assert row["time_vs_float"] == pytest.approx(row["step_ms"] / rows["float"]["step_ms"])
 
 

@@ -7,7 +7,7 @@ from keras import ops
 
 import kquant
 from kquant import estimators
-from tests.helpers import grad
+from kquant.testing import grad
 
 # Independent NumPy statements of each estimator's surrogate slope F'(s)
 # (papers.md §2; Larq's ste_sign/approx_sign/swish_sign; IR-Net's EDE).
@@ -87,7 +87,7 @@ def test_layer_gradient_equals_formula_multibit(name):
 
     def loss(k):
         q = layer.kernel_quantizer(k, training=False)
-        return ops.sum(ops.matmul(ops.convert_to_tensor(x), q) * up)
+        return ops.sum(ops.multiply(ops.matmul(ops.convert_to_tensor(x), q), up))
 
     _, (g,) = grad(loss, kernel)
     s = _boundary_distance(kernel / delta, lo, hi)
@@ -112,7 +112,7 @@ def test_sign_input_gradient_equals_formula(name):
     kernel = ops.convert_to_numpy(layer.kernel)
 
     def loss(inp):
-        return ops.sum(layer(inp, training=False) * up)
+        return ops.sum(ops.multiply(layer(inp, training=False), up))
 
     _, (g,) = grad(loss, x)
     np.testing.assert_allclose(g, (up @ kernel.T) * formula(x), rtol=2e-5, atol=2e-5)

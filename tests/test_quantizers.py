@@ -69,7 +69,7 @@ def test_uniform_fixed_step_levels_and_idempotence(x, bits, symmetric, step):
 
 
 def test_uniform_learnable_step_initialises_from_data_and_gets_gradient():
-    from tests.helpers import grad
+    from kquant.testing import grad
 
     x = np.random.default_rng(0).normal(size=(64, 4)).astype("float32")
     q = Uniform(bits=4)
@@ -81,7 +81,7 @@ def test_uniform_learnable_step_initialises_from_data_and_gets_gradient():
     run(q, 10 * x)
     np.testing.assert_allclose(ops.convert_to_numpy(q.step_init), init, rtol=1e-5)
     # LSQ-style gradient reaches the step through Δ·step(x/Δ)
-    from tests.helpers import variable_grads
+    from kquant.testing import variable_grads
 
     (g,) = variable_grads(q, lambda: ops.sum(q(x, training=True) ** 2))
     assert np.isfinite(g).all() and abs(float(np.sum(g))) > 0

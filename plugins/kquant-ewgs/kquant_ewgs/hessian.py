@@ -34,7 +34,8 @@ def _backend_grad_and_hvp(fn):
     ``fn(primals: list, *args)``, differentiating w.r.t. ``primals`` only.
 
     TensorFlow: nested ``GradientTape``\\ s in a ``tf.function``; JAX: ``jvp`` of
-    ``grad`` under ``jit``. The one backend-specific seam of the package.
+    ``grad`` under ``jit``; torch: ``autograd.grad`` with ``create_graph``. The one
+    backend-specific seam of the package.
     """
     backend = keras.backend.backend()
     if backend == "tensorflow":
@@ -62,9 +63,24 @@ def _backend_grad_and_hvp(fn):
             return jax.jvp(lambda p: jax.grad(fn)(p, *args), (list(primals),), (list(tangents),))
 
         return grad_and_hvp
+    if backend == "torch":
+        import torch
+
+        def grad_and_hvp(primals, tangents, *args):
+            primals = [p.detach().requires_grad_(True) for p in primals]
+            with torch.enable_grad():
+                value = fn(primals, *args)
+                grads = torch.autograd.grad(value, primals, create_graph=True, allow_unused=True)
+                grads = [torch.zeros_like(p) if g is None else g for p, g in zip(primals, grads)]
+                dot = sum(torch.sum(g * t) for g, t in zip(grads, tangents))
+                hvps = torch.autograd.grad(dot, primals, allow_unused=True)
+            return ([g.detach() for g in grads],
+                    [torch.zeros_like(p) if h is None else h.detach() for p, h in zip(primals, hvps)])
+
+        return grad_and_hvp
     raise NotImplementedError(
-        f"kquant_ewgs: Hessian-vector products are implemented for the TensorFlow and JAX "
-        f"backends, not {backend!r} (a fixed δ works on every backend)."
+        f"kquant_ewgs: Hessian-vector products are implemented for the TensorFlow, JAX and "
+        f"torch backends, not {backend!r} (a fixed δ works on every backend)."
     )
 
 

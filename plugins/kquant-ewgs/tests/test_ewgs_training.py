@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from ewgs_testing import variable_grads
+from kquant.testing import variable_grads
 from keras import ops
 
 import keras
