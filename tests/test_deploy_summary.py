@@ -8,6 +8,8 @@ from keras import ops
 import kquant
 from kquant import deploy
 
+pytestmark = pytest.mark.core  # backend-agnostic core: also run on torch
+
 
 def _trained_model():
     base = kquant.models.build("small_convnet", (8, 8, 1), width=8)

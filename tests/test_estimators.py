@@ -9,6 +9,8 @@ import kquant
 from kquant import estimators
 from kquant.testing import grad
 
+pytestmark = pytest.mark.core  # backend-agnostic core: also run on torch
+
 # Independent NumPy statements of each estimator's surrogate slope F'(s)
 # (papers.md §2; Larq's ste_sign/approx_sign/swish_sign; IR-Net's EDE).
 T_HTGE, ALPHA_DSQ, BETA = 3.0, 0.3, 5.0

@@ -8,6 +8,8 @@ from keras import layers, ops
 import kquant
 from kquant import estimators
 
+pytestmark = pytest.mark.core  # backend-agnostic core: also run on torch
+
 QUANTIZERS = {
     "sign": lambda est: kquant.quantizers.Sign(estimator=est),
     "bwn": lambda est: kquant.quantizers.BWN(per_channel=True, estimator=est),

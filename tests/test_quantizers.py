@@ -10,6 +10,8 @@ from keras import ops
 import kquant
 from kquant.quantizers import BWN, DoReFa, Sign, Uniform
 
+pytestmark = pytest.mark.core  # backend-agnostic core: also run on torch
+
 # subnormals excluded: TF flushes them to zero on CPU (sign(-1e-40) = +1 there)
 FLOATS = st.floats(-1e3, 1e3, allow_nan=False, allow_infinity=False, allow_subnormal=False,
                    width=32)

@@ -10,6 +10,8 @@ import kquant
 from kquant import estimators
 from kquant.registry import UnknownNameError
 
+pytestmark = pytest.mark.core  # backend-agnostic core: also run on torch
+
 
 @pytest.fixture
 def fake_plugins(tmp_path, monkeypatch):

@@ -13,6 +13,8 @@ import kquant
 from kquant.callbacks import NonFiniteReport
 from kquant.optimizers import SkipNonFinite
 
+pytestmark = pytest.mark.core  # backend-agnostic core: also run on torch
+
 
 def _model(jit):
     m = keras.Sequential([

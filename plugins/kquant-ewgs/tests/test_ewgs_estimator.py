@@ -8,6 +8,8 @@ from keras import ops
 import kquant
 from kquant_ewgs import EWGS, EWGSQuantizer
 
+pytestmark = pytest.mark.core  # backend-agnostic core: also run on torch
+
 
 def _quantizer(bits, kind, estimator, x):
     q = EWGSQuantizer(bits, kind=kind, estimator=estimator)

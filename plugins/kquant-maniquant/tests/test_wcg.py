@@ -12,6 +12,8 @@ from kquant.testing import grad
 import kquant
 from kquant_maniquant import WCG, UnitClip, weak_curvature_gradient
 
+pytestmark = pytest.mark.core  # backend-agnostic core: also run on torch
+
 
 def _explicit(g_hat, w, chi):
     """(I + χ/tr(P)·P)·vec(g) ∘ 1{|W| ≤ 1} with the n×n matrix P = t tᵀ (NumPy, float64)."""
