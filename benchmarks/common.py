@@ -179,6 +179,31 @@ def write_result(result: Result, cfg: BenchConfig, command: str | None = None):
     return folder
 
 
+def accuracy_and_time_plot(rows, label, accuracy="test_accuracy", time_ratio="step_time_ratio_to_ste",
+                           reference="STE"):
+    """A ``Result.plot``: test accuracy and train-step time ratio per row, side by side."""
+
+    def plot(path):
+        import matplotlib.pyplot as plt
+
+        labels = [str(r[label]) for r in rows]
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(max(7, 1.2 * len(rows) + 4), 3.5))
+        ax1.bar(labels, [r[accuracy] for r in rows])
+        ax1.set_ylabel("test accuracy")
+        low = min(r[accuracy] for r in rows)
+        ax1.set_ylim(max(0.0, low - 0.1), 1.0)
+        ax2.bar(labels, [r[time_ratio] for r in rows])
+        ax2.axhline(1.0, color="k", lw=0.8)
+        ax2.set_ylabel(f"train-step time / {reference}")
+        for ax in (ax1, ax2):
+            ax.tick_params(axis="x", rotation=20)
+        fig.tight_layout()
+        fig.savefig(path)
+        plt.close(fig)
+
+    return plot
+
+
 # -- distribution strategy seam ------------------------------------------------
 STRATEGIES = ("default", "mirrored", "tpu", "data_parallel")
 _BACKEND_STRATEGIES = {

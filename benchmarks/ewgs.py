@@ -20,6 +20,7 @@ import numpy as np
 from benchmarks.common import (
     BenchConfig,
     Result,
+    accuracy_and_time_plot,
     compare_step_times,
     compile_classifier,
     load_data,
@@ -109,6 +110,7 @@ def run(cfg: BenchConfig) -> Result:
     return Result(
         name="ewgs",
         rows=rows,
+        plot=accuracy_and_time_plot(rows, "estimator"),
         columns=["estimator", "test_accuracy", "accuracy_minus_ste", "test_loss", "step_ms",
                  "step_time_ratio_to_ste", "fit_seconds", "delta_refreshes", "mean_delta",
                  "delta_refresh_seconds"],

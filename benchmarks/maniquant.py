@@ -18,6 +18,7 @@ import numpy as np
 from benchmarks.common import (
     BenchConfig,
     Result,
+    accuracy_and_time_plot,
     compare_step_times,
     compile_classifier,
     load_data,
@@ -92,6 +93,7 @@ def run(cfg: BenchConfig) -> Result:
     return Result(
         name="maniquant",
         rows=rows,
+        plot=accuracy_and_time_plot(rows, "estimator"),
         columns=["estimator", "test_accuracy", "accuracy_minus_ste", "test_loss", "step_ms",
                  "step_time_ratio_to_ste", "fit_seconds"],
         meta={"model": "small_convnet (first/last float)", "weights": f"DoReFa {bits}-bit",
