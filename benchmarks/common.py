@@ -179,6 +179,18 @@ def write_result(result: Result, cfg: BenchConfig, command: str | None = None):
     return folder
 
 
+def option_names(cfg: BenchConfig, key: str, default, allowed, benchmark: str) -> list[str]:
+    """``cfg.option(key)`` as a list of names (a list or ``"a,b"``), each checked against ``allowed``."""
+    names = cfg.option(key, default)
+    if isinstance(names, str):
+        names = [n for n in names.split(",") if n]
+    unknown = [n for n in names if n not in allowed]
+    if unknown:
+        raise ValueError(f"{benchmark}: option `{key}` names unknown {unknown}; "
+                         f"choose from {list(allowed)}.")
+    return list(names)
+
+
 def accuracy_and_time_plot(rows, label, accuracy="test_accuracy", time_ratio="step_time_ratio_to_ste",
                            reference="STE"):
     """A ``Result.plot``: test accuracy and train-step time ratio per row, side by side."""

@@ -37,6 +37,7 @@ from benchmarks.common import (
     iter_estimators,
     compile_classifier,
     load_data,
+    option_names,
     set_seed,
     strategy_scope,
     timing_steps,
@@ -152,12 +153,8 @@ def run(cfg):
     installed = registry.names()
     packages = {p.name: p.package if p.package != "?" else p.cls.__module__.split(".")[0]
                 for p in registry.info()}
-    names = cfg.option("estimators", _tiny_selection(installed, packages) if cfg.tiny else installed)
-    if isinstance(names, str):
-        names = [n for n in names.split(",") if n]
-    unknown = [n for n in names if n not in installed]
-    if unknown:
-        raise ValueError(f"estimators: option `estimators` names unknown {unknown}; installed: {installed}.")
+    names = option_names(cfg, "estimators", _tiny_selection(installed, packages) if cfg.tiny else installed,
+                         installed, "estimators")
     if "ste" not in names:
         names = ["ste", *names]  # the reference of the time ratios
 

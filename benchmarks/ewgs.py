@@ -24,15 +24,9 @@ from benchmarks.common import (
     compare_step_times,
     compile_classifier,
     load_data,
+    require,
     set_seed,
 )
-
-
-def _require_plugin():
-    try:
-        import kquant_ewgs  # noqa: F401
-    except ImportError as e:  # pragma: no cover
-        raise RuntimeError("benchmark `ewgs` needs the plugin: pip install ./plugins/kquant-ewgs") from e
 
 
 def _model(x_shape, num_classes, bits, width, make_estimator):
@@ -58,7 +52,7 @@ def _model(x_shape, num_classes, bits, width, make_estimator):
 
 
 def run(cfg: BenchConfig) -> Result:
-    _require_plugin()
+    require("ewgs", modules=("kquant_ewgs",))
     from kquant_ewgs import EWGS, DeltaUpdate
 
     set_seed(cfg.seed)

@@ -22,16 +22,9 @@ from benchmarks.common import (
     compare_step_times,
     compile_classifier,
     load_data,
+    require,
     set_seed,
 )
-
-
-def _require_plugin():
-    try:
-        import kquant_maniquant  # noqa: F401
-    except ImportError as e:  # pragma: no cover
-        raise RuntimeError("benchmark `maniquant` needs the plugin: "
-                           "pip install ./plugins/kquant-maniquant") from e
 
 
 def _models(x_shape, num_classes, bits, width):
@@ -66,7 +59,7 @@ def _models(x_shape, num_classes, bits, width):
 
 
 def run(cfg: BenchConfig) -> Result:
-    _require_plugin()
+    require("wcg", modules=("kquant_maniquant",))
     set_seed(cfg.seed)
     (x, y), (xt, yt) = load_data(cfg)
     num_classes = int(np.max(y)) + 1

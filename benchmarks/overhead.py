@@ -26,7 +26,14 @@ import importlib.util
 import keras
 import numpy as np
 
-from benchmarks.common import Result, compare_step_times, set_seed, strategy_scope, timing_steps
+from benchmarks.common import (
+    Result,
+    compare_step_times,
+    option_names,
+    set_seed,
+    strategy_scope,
+    timing_steps,
+)
 
 # (input features, units) for Dense; (height = width, channels in = out) for Conv2D
 SIZES = {
@@ -114,12 +121,8 @@ def _larq_models(kind, size):
 
 def run(cfg):
     sizes = SIZES[cfg.scale]
-    names = cfg.option("variants", TINY_VARIANTS if cfg.tiny else list(VARIANTS))
-    if isinstance(names, str):
-        names = [n for n in names.split(",") if n]
-    unknown = [n for n in names if n not in VARIANTS]
-    if unknown:
-        raise ValueError(f"overhead: option `variants` names unknown {unknown}; choose from {list(VARIANTS)}.")
+    names = option_names(cfg, "variants", TINY_VARIANTS if cfg.tiny else list(VARIANTS), VARIANTS,
+                         "overhead")
     if "float" not in names:
         names = ["float", *names]
     use_larq = bool(cfg.option("larq", True)) and larq_available()

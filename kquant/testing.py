@@ -78,3 +78,27 @@ def variable_grads(variables, loss_fn):
     else:  # pragma: no cover
         raise NotImplementedError(f"kquant.testing.variable_grads: backend {backend!r}")
     return [None if g is None else ops.convert_to_numpy(g) for g in grads]
+
+
+_TWO_CPUS = """\
+import tensorflow as tf
+tf.config.set_logical_device_configuration(
+    tf.config.list_physical_devices("CPU")[0], [tf.config.LogicalDeviceConfiguration()] * 2)
+"""
+
+
+def run_on_two_cpus(script: str, timeout: int = 600):
+    """Run ``script`` in a fresh TensorFlow process whose CPU is split into two
+    logical devices (``/cpu:0``, ``/cpu:1``) for ``tf.distribute.MirroredStrategy``.
+
+    The split must happen before TensorFlow initialises, hence the subprocess.
+    Returns the ``subprocess.CompletedProcess`` (text stdout/stderr).
+    """
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    env = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    return subprocess.run([sys.executable, "-c", _TWO_CPUS + textwrap.dedent(script)],
+                          capture_output=True, text=True, env=env, timeout=timeout)

@@ -312,3 +312,12 @@ def test_require_names_the_missing_plugin_and_its_package():
         common.require(modules=["no_such_module_xyz"])
     assert benchmarks.is_missing_plugin(common.MissingPlugin("x"))
     assert not benchmarks.is_missing_plugin(RuntimeError("x"))
+
+
+def test_option_names_parses_lists_and_rejects_unknown_names():
+    cfg = common.BenchConfig(tiny=True, options={"variants": "float,sign_w"})
+    assert common.option_names(cfg, "variants", ["float"], ["float", "sign_w"], "overhead") == [
+        "float", "sign_w"]
+    assert common.option_names(cfg, "other", ["float"], ["float"], "overhead") == ["float"]
+    with pytest.raises(ValueError, match=r"overhead: option `variants` names unknown \['sign_w'\]"):
+        common.option_names(cfg, "variants", [], ["float"], "overhead")

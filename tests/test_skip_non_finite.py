@@ -1,8 +1,5 @@
 """SkipNonFinite: a step with NaN/inf gradients leaves weights and optimizer state unchanged."""
 
-import subprocess
-import sys
-import textwrap
 import warnings
 
 import keras
@@ -12,6 +9,7 @@ import pytest
 import kquant
 from kquant.callbacks import NonFiniteReport
 from kquant.optimizers import SkipNonFinite
+from kquant.testing import run_on_two_cpus
 
 pytestmark = pytest.mark.core  # backend-agnostic core: also run on torch
 
@@ -114,10 +112,8 @@ def test_bad_arguments_are_rejected():
 @pytest.mark.tf_only
 def test_skip_under_mirrored_strategy():
     """Two replicas, one of which sees an inf: the step is skipped on both."""
-    script = textwrap.dedent("""
+    out = run_on_two_cpus("""
         import numpy as np, tensorflow as tf, keras, kquant
-        cpu = tf.config.list_physical_devices("CPU")[0]
-        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
         rng = np.random.default_rng(0)
         x = rng.normal(size=(16, 6)).astype("float32"); y = rng.integers(0, 3, 16)
         with tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]).scope():
@@ -135,6 +131,5 @@ def test_skip_under_mirrored_strategy():
         m.fit(x, y, batch_size=16, epochs=1, verbose=0)
         assert not np.array_equal(before[0], m.weights[0].numpy())
         print("OK")
-    """)
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    """, timeout=300)
     assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]

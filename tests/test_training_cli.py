@@ -1,10 +1,5 @@
 """End to end: training on the embedded digits, the CLI, dataset loading."""
 
-import os
-import subprocess
-import sys
-import textwrap
-
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -12,6 +7,7 @@ from click.testing import CliRunner
 
 from kquant import datasets, training
 from kquant.cli import main
+from kquant.testing import run_on_two_cpus
 
 
 @pytest.mark.slow
@@ -72,10 +68,8 @@ def test_tfds_loader_with_mock_data():
 @pytest.mark.tf_only
 def test_mirrored_strategy_matches_single_device():
     """fit under MirroredStrategy (2 logical CPUs) equals a single-device fit."""
-    script = textwrap.dedent("""
-        import os, numpy as np, tensorflow as tf, keras, kquant
-        cpu = tf.config.list_physical_devices("CPU")[0]
-        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    out = run_on_two_cpus("""
+        import numpy as np, tensorflow as tf, keras, kquant
         rng = np.random.default_rng(0)
         x = rng.random((64, 8, 8, 1)).astype("float32"); y = rng.integers(0, 10, 64)
         def run(strategy):
@@ -95,9 +89,6 @@ def test_mirrored_strategy_matches_single_device():
         a, b = run(tf.distribute.get_strategy()), run(mirrored)
         print("MAXDIFF", max(float(np.abs(u - v).max()) for u, v in zip(a, b)))
     """)
-    env = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "3"}
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
-                         timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     diff = float(out.stdout.split("MAXDIFF")[1])
     assert diff < 1e-4, diff
