@@ -3,8 +3,8 @@
 import json
 import math
 
-from benchmarks import ste_equivalence
-from benchmarks.common import BenchConfig, write_result
+from kquant.benchmarks import ste_equivalence
+from kquant.benchmarks.common import BenchConfig, write_result
 
 
 def test_ste_equivalence_tiny(tmp_path):

@@ -16,13 +16,11 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # the suite lives in the checkout, not in site-packages
-    sys.path.insert(0, str(ROOT))
+import kquant.benchmarks as benchmarks
+from kquant.benchmarks import common
+from kquant.benchmarks.__main__ import main as bench_main
 
-import benchmarks  # noqa: E402
-from benchmarks import common  # noqa: E402
-from benchmarks.__main__ import main as bench_main  # noqa: E402
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 BACKEND = keras.backend.backend()
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -106,7 +104,7 @@ def test_estimators_trains_every_chosen_estimator_from_the_same_start(tiny_run):
 
 def test_overhead_times_every_variant_against_its_float_layer(tiny_run):
     _, result, _ = tiny_run("overhead")
-    from benchmarks import overhead
+    from kquant.benchmarks import overhead
 
     groups = {}
     for row in result.rows:
@@ -128,7 +126,7 @@ def test_overhead_times_every_variant_against_its_float_layer(tiny_run):
 
 # -- harness CLI ----------------------------------------------------------------
 def _fake_benchmark(name, run):
-    module = types.ModuleType(f"benchmarks.{name}")
+    module = types.ModuleType(f"kquant.benchmarks.{name}")
     module.run = run
     return module
 
@@ -152,7 +150,7 @@ def fake_suite(monkeypatch):
 
     fakes = {"echo": echo, "missing": missing, "broken": broken}
     for name, fn in fakes.items():
-        monkeypatch.setitem(sys.modules, f"benchmarks.{name}", _fake_benchmark(name, fn))
+        monkeypatch.setitem(sys.modules, f"kquant.benchmarks.{name}", _fake_benchmark(name, fn))
     monkeypatch.setattr(benchmarks, "names", lambda: sorted(fakes))
     return fakes
 
@@ -198,25 +196,25 @@ def test_cli_rejects_bad_input_naming_the_argument(fake_suite, tmp_path):
     assert out.exit_code == 0 and out.output.split() == ["broken", "echo", "missing"]
 
 
-def test_kquant_bench_forwards_from_the_repository_root(fake_suite, tmp_path, monkeypatch):
+def test_kquant_bench_forwards_from_any_folder(fake_suite, tmp_path, monkeypatch):
     from kquant.bench import bench_command
 
-    monkeypatch.chdir(ROOT)
-    out = CliRunner().invoke(bench_command, ["echo", "--tiny", "-o", "bits=4", "--out-dir", str(tmp_path)])
+    monkeypatch.chdir(tmp_path)  # the suite ships in the package: no checkout needed
+    out = CliRunner().invoke(bench_command, ["echo", "--tiny", "-o", "bits=4", "--out-dir", str(tmp_path / "r")])
     assert out.exit_code == 0, out.output
-    saved = json.loads((tmp_path / "echo" / "results.json").read_text())
+    saved = json.loads((tmp_path / "r" / "echo" / "results.json").read_text())
     assert saved["rows"][0]["bits"] == 4 and saved["rows"][0]["tiny"] is True
     help_text = CliRunner().invoke(bench_command, ["--help"]).output
     assert "kquant bench" in help_text and "--strategy" in help_text
 
 
-def test_kquant_bench_outside_the_repository_says_where_to_run(tmp_path, monkeypatch):
-    from kquant.bench import bench_command
+def test_python_m_benchmarks_from_the_repository_root_is_the_packaged_suite():
+    import subprocess
 
-    monkeypatch.chdir(tmp_path)
-    out = CliRunner().invoke(bench_command, ["estimators"])
-    assert out.exit_code != 0
-    assert "repository root" in out.output and "benchmarks/" in out.output
+    out = subprocess.run([sys.executable, "-m", "benchmarks", "--list"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == benchmarks.names()
 
 
 def test_every_benchmark_module_exposes_run():

@@ -17,7 +17,7 @@ import time
 import keras
 import numpy as np
 
-from benchmarks.common import (
+from kquant.benchmarks.common import (
     BenchConfig,
     Result,
     accuracy_and_time_plot,

@@ -32,7 +32,7 @@ import keras
 import numpy as np
 
 import kquant
-from benchmarks.common import BenchConfig, Result, compile_classifier, load_data, set_seed
+from kquant.benchmarks.common import BenchConfig, Result, compile_classifier, load_data, set_seed
 from kquant import analysis
 
 NAME = "ste_equivalence"

@@ -13,7 +13,7 @@ from __future__ import annotations
 import keras
 from keras import layers
 
-from benchmarks.common import BenchConfig, Result, compile_classifier, load_data, set_seed, step_time
+from kquant.benchmarks.common import BenchConfig, Result, compile_classifier, load_data, set_seed, step_time
 from kquant import models
 from kquant.alq import ALQ, alq_layers, average_bitwidth, fit_pipeline, quantize, storage_table
 from kquant.alq.storage import plot_bitwidths
@@ -81,13 +81,3 @@ def run(cfg: BenchConfig) -> Result:
         columns=["stage", "accuracy", "average_bits", "compression", "storage_kb",
                  "bases_step_vs_adam", "coordinates_step_vs_adam"],
     )
-
-
-if __name__ == "__main__":  # python -m benchmarks.alq [--quick]
-    import sys
-
-    from benchmarks.common import write_result
-
-    config = BenchConfig(tiny="--tiny" in sys.argv, quick="--full" not in sys.argv)
-    folder = write_result(run(config), config, "python -m benchmarks.alq " + " ".join(sys.argv[1:]))
-    print((folder / "results.md").read_text())

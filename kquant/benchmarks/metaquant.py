@@ -24,7 +24,7 @@ import keras
 import numpy as np
 
 import kquant
-from benchmarks.common import (
+from kquant.benchmarks.common import (
     Result,
     compare_step_times,
     compile_classifier,

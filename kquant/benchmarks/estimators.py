@@ -30,7 +30,7 @@ import keras
 import numpy as np
 
 import kquant
-from benchmarks.common import (
+from kquant.benchmarks.common import (
     Result,
     TrainingProgress,
     compare_step_times,

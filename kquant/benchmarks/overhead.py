@@ -26,7 +26,7 @@ import importlib.util
 import keras
 import numpy as np
 
-from benchmarks.common import (
+from kquant.benchmarks.common import (
     Result,
     compare_step_times,
     option_names,
@@ -81,7 +81,7 @@ def _model(kind, size, quant, eager):
 
 
 def _jit_ok():
-    from benchmarks.common import jit_compile_allowed
+    from kquant.benchmarks.common import jit_compile_allowed
 
     return jit_compile_allowed()
 

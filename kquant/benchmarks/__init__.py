@@ -1,0 +1,62 @@
+"""kquant's benchmark suite: the papers' experiments, reproducible on CPU, GPU or TPU.
+
+A benchmark is a module ``kquant/benchmarks/<name>.py`` exposing
+``run(cfg: BenchConfig) -> Result`` (see :mod:`kquant.benchmarks.common`).
+It ships inside the package: ``kquant bench NAME`` (or ``python -m
+kquant.benchmarks NAME``; ``python -m benchmarks NAME`` from the repository
+root) runs it anywhere; ``all`` runs every one. Results go to
+``OUT_DIR/<name>/`` (JSON, markdown table, PNG plot); the repository's
+committed results are in ``benchmarks/results/``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+from kquant.benchmarks import common
+from kquant.benchmarks.common import BenchConfig, MissingPlugin, Result  # noqa: F401
+
+NOT_BENCHMARKS = {"common"}
+
+
+def names() -> list[str]:
+    """Benchmark modules present in this package (whether or not their plugins are installed)."""
+    return sorted(
+        m.name for m in pkgutil.iter_modules(__path__)
+        if not m.name.startswith("_") and not m.name.startswith("test") and m.name not in NOT_BENCHMARKS
+    )
+
+
+def load(name: str):
+    """The module of benchmark ``name``; a clear error for an unknown one."""
+    if name not in names():
+        raise ValueError(f"Unknown benchmark {name!r}; available: {', '.join(names()) or '(none)'}, all.")
+    module = importlib.import_module(f"kquant.benchmarks.{name}")
+    if not callable(getattr(module, "run", None)):
+        raise ValueError(f"kquant/benchmarks/{name}.py has no run(cfg) -> Result function.")
+    return module
+
+
+def is_missing_plugin(error: BaseException) -> bool:
+    """Whether ``error`` means "a plugin this benchmark needs is not installed"."""
+    from kquant.registry import UnknownNameError
+
+    return isinstance(error, (MissingPlugin, UnknownNameError, ModuleNotFoundError))
+
+
+def run_benchmark(name: str, cfg: BenchConfig, command: str | None = None):
+    """Run one benchmark inside the configured strategy and write its results.
+
+    Returns ``(result, folder)``.
+    """
+    module = load(name)
+    common.set_seed(cfg.seed)
+    with common.strategy_scope(cfg):
+        result = module.run(cfg)
+        folder = common.write_result(result, cfg, command)
+    return result, folder
+
+
+__all__ = ["BenchConfig", "MissingPlugin", "Result", "is_missing_plugin", "load", "names",
+           "run_benchmark"]
