@@ -102,3 +102,29 @@ def run_on_two_cpus(script: str, timeout: int = 600):
     env = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "3"}
     return subprocess.run([sys.executable, "-c", _TWO_CPUS + textwrap.dedent(script)],
                           capture_output=True, text=True, env=env, timeout=timeout)
+
+
+_TWO_JAX_DEVICES = """\
+import keras
+keras.distribution.set_distribution(
+    keras.distribution.DataParallel(devices=keras.distribution.list_devices("cpu")))
+"""
+
+
+def run_on_two_jax_devices(script: str, timeout: int = 600):
+    """Run ``script`` in a fresh JAX process with two host devices and
+    ``keras.distribution.DataParallel`` over both already set as the global
+    distribution (``XLA_FLAGS=--xla_force_host_platform_device_count=2``).
+
+    Returns the ``subprocess.CompletedProcess`` (text stdout/stderr).
+    """
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    flags = os.environ.get("XLA_FLAGS", "")
+    env = {**os.environ, "KERAS_BACKEND": "jax", "TF_CPP_MIN_LOG_LEVEL": "3",
+           "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count=2".strip()}
+    return subprocess.run([sys.executable, "-c", _TWO_JAX_DEVICES + textwrap.dedent(script)],
+                          capture_output=True, text=True, env=env, timeout=timeout)
