@@ -130,3 +130,65 @@ class NonFiniteReport(keras.callbacks.Callback):
 
     def on_train_end(self, logs=None):
         self._check(None)
+
+
+def layer_bits(model) -> dict[str, tuple[float, int]]:
+    """``{layer name: (average bits per quantized weight, weights)}`` of every quantized layer.
+
+    Covers kquant's quantized layers and ALQ layers (fractional bits after pruning).
+    """
+    out = {}
+    for layer in model._flatten_layers(include_self=False):
+        stats = getattr(layer, "quantization_stats", None)
+        if stats is None:
+            continue
+        s = stats()
+        if s.kernel_params and s.kernel_bits < 32:
+            out[layer.name] = (float(s.kernel_bits), int(s.kernel_params))
+    return out
+
+
+class QuantizationLogger(keras.callbacks.Callback):
+    """Adds ``average_bits`` (over all quantized weights) to the epoch logs; with a
+    :class:`keras.callbacks.TensorBoard` also writes per-layer bitwidths.
+
+    Keras' TensorBoard callback writes every entry of the epoch logs as an
+    ``epoch_<name>`` scalar, so ``average_bits`` here, ``flip_ratio``
+    (:class:`FlipRatio`) and ``skipped_steps`` (:class:`NonFiniteReport`)
+    appear in TensorBoard as long as these callbacks come **before** the
+    TensorBoard callback in the ``callbacks`` list (``kquant.training.fit``
+    orders them so). Given ``tensorboard=``, this callback also writes, with
+    that callback's writer, a scalar ``bits/<layer>`` per quantized layer and a
+    histogram ``bits/per_layer`` of their bitwidths; that needs TensorFlow's
+    ``tf.summary`` (the TensorFlow backend; on JAX/torch only the scalars in
+    the logs are written, and only if TensorFlow is installed for the
+    TensorBoard callback itself).
+    """
+
+    def __init__(self, tensorboard=None):
+        super().__init__()
+        if tensorboard is not None and not isinstance(tensorboard, keras.callbacks.TensorBoard):
+            raise TypeError("QuantizationLogger: `tensorboard` must be a keras.callbacks.TensorBoard, "
+                            f"got {type(tensorboard).__name__}.")
+        self.tensorboard = tensorboard
+        self.history: list[dict[str, float]] = []
+
+    def on_epoch_end(self, epoch, logs=None):
+        bits = layer_bits(self.model)
+        self.history.append({name: b for name, (b, _) in bits.items()})
+        n = sum(count for _, count in bits.values())
+        if logs is not None and n:
+            logs["average_bits"] = sum(b * count for b, count in bits.values()) / n
+        if self.tensorboard is not None and bits and keras.backend.backend() == "tensorflow":
+            self._write(epoch, bits)
+
+    def _write(self, epoch, bits):
+        import tensorflow as tf
+
+        writer = self.tensorboard._train_writer  # the callback's own event file
+        with writer.as_default():
+            for name, (b, _) in bits.items():
+                tf.summary.scalar(f"bits/{name}", b, step=epoch)
+            tf.summary.histogram("bits/per_layer", np.array([b for b, _ in bits.values()]),
+                                 step=epoch)
+        writer.flush()

@@ -86,7 +86,9 @@ class ModelSummary:
         t = Table(title=f"kquant summary: {self.name}")
         for col in ("layer", "type", "weight bits", "input bits", "params", "memory (KiB)",
                     "compression", "MACs", "precision"):
-            t.add_column(col, justify="left" if col in ("layer", "type", "precision") else "right")
+            # fold, never ellipsize: a narrow terminal wraps cells instead of cutting numbers
+            t.add_column(col, justify="left" if col in ("layer", "type", "precision") else "right",
+                         overflow="fold")
         for s in self.layers:
             t.add_row(
                 s.name, s.kind, f"{s.kernel_bits:g}" if s.kernel_params else "-",
@@ -106,9 +108,25 @@ class ModelSummary:
         )
         return t
 
+    def to_dict(self) -> dict:
+        """The summary as plain data (``kquant summary --json``, ``kquant fit --json``)."""
+        return {
+            "name": self.name,
+            "layers": [{**dataclasses.asdict(s), "storage_bits": s.storage_bits,
+                        "compression": s.compression, "mac_precision": s.mac_precision}
+                       for s in self.layers],
+            "total_params": sum(s.kernel_params + s.float_params for s in self.layers),
+            "storage_bits": self.storage_bits,
+            "float32_bits": self.float32_bits,
+            "compression": self.compression,
+            "average_kernel_bits": self.average_kernel_bits,
+            "macs": sum(s.macs for s in self.layers),
+            "macs_by_precision": self.macs_by_precision,
+        }
+
     def __str__(self):
-        console = Console(record=True, width=140, file=_NullFile())
-        console.print(self.table())
+        console = Console(record=True, width=80, file=_NullFile())
+        print_whole(self.table(), console)  # as wide as the table: nothing cut
         return console.export_text()
 
 
@@ -128,10 +146,35 @@ def summary(model, print_summary=True, console=None) -> ModelSummary:
     result = ModelSummary(model.name, stats)
     if print_summary:
         console = console or Console()
-        console.print(result.table())
+        print_whole(result.table(), console)
         from kquant import alq  # ALQ layers add the paper's Eq. 26 storage table
 
         rows = alq.storage_table(model)
         if rows and len(rows) > 1:
-            console.print(alq.format_table(rows))
+            print_whole(alq.format_table(rows), console)
     return result
+
+
+def print_whole(renderable, console=None):
+    """Print a table without cutting anything.
+
+    On a terminal, table cells fold (wrap) to the terminal's width; when the
+    output is a file or a pipe (no width), the console width is raised to the
+    table's natural width, so every number and header appears whole.
+    """
+    console = console or Console()
+    for column in getattr(renderable, "columns", ()):
+        if column.overflow == "ellipsis":
+            column.overflow = "fold"
+    if console.is_terminal:
+        console.print(renderable)
+        return
+    from rich.measure import Measurement
+
+    natural = Measurement.get(console, console.options.update_width(100_000), renderable).maximum
+    saved = console._width  # rich's print(width=) cannot exceed the console's width
+    console.width = max(console.width, natural)
+    try:
+        console.print(renderable, crop=False)
+    finally:
+        console._width = saved

@@ -157,3 +157,42 @@ def test_quadratic_model_never_increases_on_convex_toy_problem():
         assert (f < -1e-3).mean() > 0.5  # and it actually improves most groups
         assert (na >= 0).all() and set(np.unique(nb)) <= {-1.0, 1.0}
         bases, alpha = nb, na
+
+
+# -- fast bases search (issue #10) ----------------------------------------------------
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_sorted_search_returns_the_exhaustive_codes_ties_included(bits):
+    rng = _rng(10 + bits)
+    g, n = 12, 48
+    alpha = rng.uniform(0.05, 1.0, size=(g, bits)).astype("float32")
+    alpha[0] = 0.5                                    # all equal: many duplicate levels
+    alpha[1] = np.round(alpha[1] * 4) / 4             # some equal
+    mask = (rng.random((g, bits)) < 0.8).astype("float32")
+    mask[2] = 0.0                                     # a removed group: every level is 0
+    t = lambda a: ops.convert_to_tensor(np.asarray(a, "float32"))  # noqa: E731
+    values = ops.convert_to_numpy(steps.levels(t(alpha), t(mask)))
+    target = rng.normal(size=(g, n)).astype("float32") * 1.5
+    third = n // 3
+    for i in range(g):  # exact levels and exact midpoints between neighbours: ties
+        target[i, :third] = values[i, rng.integers(0, 2**bits, third)]
+        s = np.unique(values[i])
+        if s.size > 1:
+            j = rng.integers(0, s.size - 1, third)
+            target[i, third:2 * third] = (s[j] + s[j + 1]) / 2
+    exhaustive = ops.convert_to_numpy(steps.exhaustive_codes(t(target), t(alpha), t(mask)))
+    fast = ops.convert_to_numpy(steps.sorted_codes(t(target), t(alpha), t(mask)))
+    np.testing.assert_array_equal(fast, exhaustive)
+    # ... and the exhaustive codes are the nearest levels (lowest pattern index on ties).
+    distance = np.abs(target[..., None] - values[:, None, :])
+    np.testing.assert_array_equal(exhaustive, np.argmin(distance, axis=-1))
+    old = np.where(rng.random((g, n, bits)) < 0.5, -1.0, 1.0)
+    by_search = [ops.convert_to_numpy(steps.nearest_bases(t(target), t(old), t(alpha), t(mask),
+                                                          search=s))
+                 for s in ("sorted", "exhaustive")]
+    np.testing.assert_array_equal(by_search[0], by_search[1])
+
+
+def test_bases_search_name_is_checked():
+    with pytest.raises(ValueError, match="search"):
+        steps.nearest_bases(ops.zeros((1, 2)), ops.ones((1, 2, 1)), ops.ones((1, 1)),
+                            ops.ones((1, 1)), search="binary")

@@ -108,3 +108,39 @@ def test_invalid_pruning_arguments():
         PruningRun(layers, opt, 1.0, steps=0)
     with pytest.raises(ValueError, match="top_k"):
         PruningRun(layers, opt, 1.0, steps=2, top_k=0)
+
+
+def test_top_k_cap_binds_per_layer():
+    """Issue #10: each layer offers a share of its own bases, so a small layer holding the
+    lowest f cannot cover a whole step (the old per-layer minimum quota let it)."""
+    big = ALQDense(8, max_bits=4, group=8)
+    big.build((None, 16))      # 16 groups × 4 bases
+    small = ALQDense(1, max_bits=4, group=8)
+    small.build((None, 16))    # 2 groups × 4 bases: 1/9 of the budget
+    layers = [big, small]
+    opt = ALQ(1e-3)
+    opt.build(big.trainable_variables + small.trainable_variables)
+    for layer in layers:
+        opt.alpha_moments(layer)[2].assign(np.full(layer.mask.shape, 1e-4, "float32"))
+    opt.alpha_moments(small)[0].assign(np.full(small.mask.shape, 1e4, "float32"))  # lowest f
+    opt.iterations.assign(10)
+    budget = 8 * (int(big.group_bitwidths().sum()) + int(small.group_bitwidths().sum()))
+    bits = 0.05 * budget  # 3.6 bases; the small layer alone could cover it
+    removed = pruning.prune_once(layers, opt, bits_to_remove=bits, top_k=0.01)
+    share = pruning.CHOICE * 0.05
+    assert removed[1] == int(np.ceil(share * 8)) and removed[0] > 0
+    assert 8 * sum(removed) >= bits
+
+
+def test_round_targets_follow_the_ratio_without_a_final_jump():
+    """Issue #10: the last round no longer jumps to target_bits; enough rounds reach it."""
+    from kquant.alq import ALQSchedule
+
+    schedule = ALQSchedule(rounds=3, ratio=0.7, target_bits=0.7)
+    np.testing.assert_allclose(schedule.round_targets(6.0), [4.2, 2.94, 2.058])
+    rounds = ALQSchedule.rounds_needed(6.0, 0.7, 0.6)
+    assert rounds == 5 and 6.0 * 0.6 ** (rounds - 1) > 0.7 >= 6.0 * 0.6 ** rounds
+    targets = ALQSchedule(rounds=rounds, ratio=0.6, target_bits=0.7).round_targets(6.0)
+    np.testing.assert_allclose(targets, [3.6, 2.16, 1.296, 0.7776, 0.7])
+    with pytest.raises(ValueError, match="ratio"):
+        ALQSchedule.rounds_needed(6.0, 0.7, 1.0)

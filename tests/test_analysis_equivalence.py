@@ -102,14 +102,17 @@ def test_binary_alpha_is_one_and_pwl_range_is_mapped():
 
 
 def test_mad_integrates_outside_the_range():
-    """MAD: F' = 1/|s| outside, so G(s) = 1 + (s² − 1)/2 and the twin is the plain STE."""
+    """MAD: F' = c/(c + (|s|−1)/2) outside (c/|z|, c = 1 above, 2 below levels −2..1), so
+    G(s) = 1 + (|s|−1) + (|s|−1)²/(4c) and the twin is the plain STE."""
     step = 0.5
     eq = analysis.equivalence(quantizer=uniform("mad", step=step))  # levels -2..1
     assert eq.alpha == pytest.approx(1.0, abs=1e-9)
     x = np.array([1.0, 2.0, -2.0])
     s = np.array([3.0, 7.0, -5.0])  # 2(z − b) with b = 0.5 (top), -1.5 (bottom)
     b = np.array([0.5, 0.5, -1.5])
-    expected = step * (b + 0.5 * np.sign(s) * (1 + (s**2 - 1) / 2))
+    c = np.array([1.0, 1.0, 2.0])
+    a = np.abs(s) - 1
+    expected = step * (b + 0.5 * np.sign(s) * (1 + a + a**2 / (4 * c)))
     np.testing.assert_allclose(eq(x), expected, rtol=1e-6)
     assert type(eq.twin_estimator()).__name__ == "STE"
 

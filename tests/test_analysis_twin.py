@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 import kquant
+from kquant.testing import variable_grads
 from kquant import analysis
-from kquant.analysis import NotEquivalentError
 
 T_HTGE, STEP = 3.0, 0.2  # 2-bit symmetric: levels −0.4, −0.2, 0, 0.2
 
@@ -46,14 +46,17 @@ def test_sgd_twin_maps_weights_scales_lr_and_switches_to_pwl():
     twin = analysis.to_ste(model, keras.optimizers.SGD(0.05, momentum=0.9))
     assert not twin.adaptive
     assert twin.alpha == pytest.approx(closed_alpha(T_HTGE), rel=1e-5)
-    assert float(twin.optimizer.get_config()["learning_rate"]) == pytest.approx(0.05 * twin.alpha, rel=1e-6)
+    # α rides on the kernels' estimator; the optimizer keeps η for everything else
+    assert float(twin.optimizer.get_config()["learning_rate"]) == pytest.approx(0.05, rel=1e-6)
     assert twin.optimizer.get_config()["momentum"] == 0.9
     for k_q, k_s in zip(kernels(model), kernels(twin.model)):
         inside = np.abs(k_q / STEP + 0.5) <= 1.5  # within [−0.4, 0.2]: closed form applies
         np.testing.assert_allclose(k_s[inside], closed_m(k_q.astype("float64"))[inside], atol=1e-6)
     for layer in analysis.quantized_layers(twin.model):
-        assert kquant.estimators.serialize(layer.kernel_quantizer.estimator) == {
-            "name": "clipped_ste", "config": {"clip": 1.0}}
+        est = layer.kernel_quantizer.estimator
+        assert isinstance(est, analysis.ScaledEstimator)
+        assert est.scale == pytest.approx(twin.alpha)
+        assert kquant.estimators.serialize(est.inner) == {"name": "clipped_ste", "config": {"clip": 1.0}}
     # M preserves bins: both nets compute the same function at the start.
     x = np.random.default_rng(0).normal(size=(5, 6)).astype("float32")
     np.testing.assert_array_equal(model.predict(x, verbose=0), twin.model.predict(x, verbose=0))
@@ -74,12 +77,45 @@ def test_adam_twin_keeps_weights_and_lr():
 
 def test_schedules_are_scaled_and_serialize():
     sched = keras.optimizers.schedules.CosineDecay(0.0, 90, warmup_target=0.1, warmup_steps=10)
-    twin = analysis.to_ste(small_net(), keras.optimizers.SGD(sched))
-    scaled = twin.optimizer.get_config()["learning_rate"]
-    scaled = keras.optimizers.schedules.deserialize(scaled)
+    scaled = analysis.scale_learning_rate(keras.optimizers.SGD(sched), 0.7)
+    scaled = keras.optimizers.schedules.deserialize(scaled.get_config()["learning_rate"])
     for step in (0, 5, 10, 50):
-        assert float(scaled(step)) == pytest.approx(twin.alpha * float(sched(step)), rel=1e-6)
+        assert float(scaled(step)) == pytest.approx(0.7 * float(sched(step)), rel=1e-6)
     assert isinstance(scaled, analysis.ScaledSchedule)
+    twin = analysis.to_ste(small_net(), keras.optimizers.SGD(sched))   # the schedule is kept
+    kept = keras.optimizers.schedules.deserialize(twin.optimizer.get_config()["learning_rate"])
+    assert float(kept(50)) == pytest.approx(float(sched(50)), rel=1e-6)
+
+
+def test_sgd_twin_scales_the_kernels_learning_rate_only():
+    """Theorem 5.1 concerns the quantized kernels: one SGD step of the twin moves each
+    kernel by α·η·g (PWL gradient) and every bias by η·g, exactly."""
+    model = small_net()
+    twin = analysis.to_ste(model, keras.optimizers.SGD(0.05))
+    net = twin.model
+    x = np.random.default_rng(2).normal(size=(8, 6)).astype("float32")
+    y = np.random.default_rng(3).normal(size=(8, 3)).astype("float32")
+    net.compile(twin.optimizer, "mse")
+    layers = analysis.quantized_layers(net)
+    variables = [l.latent_kernel for l in layers] + [l.bias for l in layers]
+    before = [keras.ops.convert_to_numpy(v) for v in variables]
+    grads = variable_grads(variables, lambda: keras.ops.mean(keras.ops.square(net(x, training=True) - y)))
+    # the PWL gradient itself, without α: the same net with plain clipped_ste kernels
+    for layer in layers:
+        layer.kernel_quantizer.estimator.scale = 1.0
+    plain = variable_grads(variables, lambda: keras.ops.mean(keras.ops.square(net(x, training=True) - y)))
+    for layer in layers:
+        layer.kernel_quantizer.estimator.scale = twin.alpha
+    n = len(layers)
+    for g, p in zip(grads[:n], plain[:n]):
+        np.testing.assert_allclose(g, twin.alpha * p, rtol=1e-5, atol=1e-8)
+    for g, p in zip(grads[n:], plain[n:]):
+        np.testing.assert_allclose(g, p, rtol=1e-6, atol=1e-8)
+    net.train_on_batch(x, y)
+    after = [keras.ops.convert_to_numpy(v) for v in variables]
+    for b, a, g in zip(before, after, grads):
+        np.testing.assert_allclose(b - a, 0.05 * g, rtol=1e-4, atol=1e-7)
+    assert twin.alpha < 0.9   # so kernels (α·η) and biases (η) really differ
 
 
 def test_twin_saves_and_loads(tmp_path):
@@ -98,12 +134,14 @@ def test_errors_name_the_problem():
                         else keras.optimizers.Optimizer(0.1))
     with pytest.raises(TypeError, match="optimizer"):
         analysis.to_ste(model, "sgd")
-    # Two layers with different sharpness have different α: one SGD lr cannot carry both.
+    # Two layers with different sharpness have different α: each kernel carries its own.
     inputs = keras.Input((4,))
     h = kquant.QuantDense(4, kernel_quantizer=htge_uniform(2.0))(inputs)
     mixed = keras.Model(inputs, kquant.QuantDense(2, kernel_quantizer=htge_uniform(5.0))(h))
-    with pytest.raises(NotEquivalentError, match="different α"):
-        analysis.to_ste(mixed, keras.optimizers.SGD(0.1))
+    twin = analysis.to_ste(mixed, keras.optimizers.SGD(0.1))
+    scales = [l.kernel_quantizer.estimator.scale for l in analysis.quantized_layers(twin.model)]
+    assert scales == pytest.approx([closed_alpha(2.0), closed_alpha(5.0)], rel=1e-5)
+    assert np.isnan(twin.alpha)
     analysis.to_ste(mixed, keras.optimizers.Adam(0.1))  # fine: Adam needs no α
     float_model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
     with pytest.raises(ValueError, match="kernel quantizer"):

@@ -6,6 +6,7 @@ relations that must hold whatever the speed of the machine.
 """
 
 import json
+import os
 import math
 import pathlib
 import sys
@@ -319,3 +320,75 @@ def test_option_names_parses_lists_and_rejects_unknown_names():
     assert common.option_names(cfg, "other", ["float"], ["float"], "overhead") == ["float"]
     with pytest.raises(ValueError, match=r"overhead: option `variants` names unknown \['sign_w'\]"):
         common.option_names(cfg, "variants", [], ["float"], "overhead")
+
+
+# -- the suite as a user of a plain `pip install` gets it ----------------------
+def test_cli_benchmark_times_help_without_heavy_imports(tiny_run):
+    _, result, _ = tiny_run("cli")
+    rows = {r["command"]: r for r in result.rows}
+    assert {"kquant --help", "import kquant"} <= set(rows)
+    assert all(0 < r["min_s"] <= r["median_s"] <= r["max_s"] for r in rows.values())
+    assert result.meta["heavy_modules_imported_by_help"] == []
+
+
+def test_out_dir_is_checked_before_any_benchmark_runs(fake_suite, tmp_path, monkeypatch):
+    ran = []
+    monkeypatch.setattr(benchmarks, "run_benchmark", lambda *a, **k: ran.append(a))
+    (tmp_path / "afile").write_text("x")
+    out = CliRunner().invoke(bench_main, ["echo", "--out-dir", str(tmp_path / "afile")])
+    assert out.exit_code == 2 and "--out-dir" in out.output and "is a file" in out.output
+    out = CliRunner().invoke(bench_main, ["echo", "--out-dir", str(tmp_path / "afile" / "sub")])
+    assert out.exit_code == 2 and "--out-dir" in out.output and "cannot be created" in out.output
+    assert ran == []
+
+
+@pytest.mark.slow
+@pytest.mark.tf_only
+def test_kquant_bench_from_an_installed_wheel_in_a_temporary_folder(tmp_path):
+    """Build a (non-editable) wheel, install it without dependencies into a folder of its
+    own and run `kquant bench estimators --tiny` from an unrelated folder."""
+    import shutil
+    import subprocess
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    shutil.copytree(ROOT / "kquant", src / "kquant",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run([*pip, "wheel", "--no-deps", "-w", str(tmp_path / "dist"),
+                    str(src)], check=True, capture_output=True, timeout=300)
+    wheel, = (tmp_path / "dist").glob("kquant-*.whl")
+    site = tmp_path / "site"
+    subprocess.run([*pip, "install", "--no-deps", "--target", str(site), str(wheel)],
+                   check=True, capture_output=True, timeout=300)
+    assert (site / "kquant" / "benchmarks" / "estimators.py").is_file()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    code = ("import sys, kquant; assert kquant.__file__.startswith(sys.argv[1]), kquant.__file__; "
+            "from kquant.cli import main; sys.argv = ['kquant'] + sys.argv[2:]; main()")
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(site), "bench", "estimators", "--tiny",
+         "-o", 'estimators=["ste"]', "--out-dir", "my-results"],
+        cwd=elsewhere, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "PYTHONPATH": str(site), "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    saved = json.loads((elsewhere / "my-results" / "estimators" / "results.json").read_text())
+    assert {r["estimator"] for r in saved["rows"]} >= {"float", "ste"}
+    assert all(r["status"] == "ok" for r in saved["rows"])
+
+
+@pytest.mark.core
+def test_results_are_written_and_the_missing_plot_is_named_without_matplotlib(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` fails
+    result = common.Result("plotted", [{"acc": 0.5}], plot=lambda path: pytest.fail("drew"))
+    with pytest.warns(UserWarning, match=r"plot.png not drawn: matplotlib .*kquant\[plots\]"):
+        folder = common.write_result(result, common.BenchConfig(tiny=True, out_dir=str(tmp_path)))
+    assert json.loads((folder / "results.json").read_text())["rows"] == [{"acc": 0.5}]
+    assert "plot.png not drawn" in (folder / "results.md").read_text()
+    assert not (folder / "plot.png").exists()
+    from kquant.cli import main as kquant_main
+
+    out = CliRunner().invoke(kquant_main, ["plot", "estimators", "-o", str(tmp_path / "figs")])
+    assert out.exit_code == 1 and "pip install 'kquant[plots]'" in out.output

@@ -24,6 +24,7 @@ def _dsq(s, a=ALPHA_DSQ):
 FORMULAS = {
     "ste": (dict(), lambda s: np.ones_like(s)),
     "clipped_ste": (dict(), lambda s: (np.abs(s) <= 1).astype(float)),
+    # Sakr et al. 2022: c/|x| outside, c the clip bound (sign: c = 1, s = x); multi-bit below.
     "mad": (dict(), lambda s: np.where(np.abs(s) <= 1, 1.0, 1.0 / np.maximum(np.abs(s), 1))),
     "htge": (dict(t=T_HTGE),
              lambda s: T_HTGE / 2 * (1 - np.tanh(T_HTGE * s / 2) ** 2) * (np.abs(s) <= 1)),
@@ -93,8 +94,21 @@ def test_layer_gradient_equals_formula_multibit(name):
 
     _, (g,) = grad(loss, kernel)
     s = _boundary_distance(kernel / delta, lo, hi)
+    if name == "mad":  # c/|z| past the clip bound c on that side (hi = 3, |lo| = 4)
+        z = kernel / delta
+        formula = lambda s: np.where(z > hi, hi / np.abs(z), np.where(z < lo, -lo / np.abs(z), 1.0))  # noqa: E731
     expected = (x.T @ up) * formula(s)
     np.testing.assert_allclose(g, expected, rtol=2e-5, atol=2e-5)
+
+
+def test_mad_tail_is_clip_bound_over_magnitude():
+    """Sakr et al.'s MAD on levels −2..1 (Δ = 1): c/|x| with c = 1 above, 2 below —
+    not the half-step 1/|s| (which gives ⅓ at both z = 2 and z = −3)."""
+    q = kquant.quantizers.Uniform(bits=2, step=1.0, estimator="mad")
+    x = np.array([2.0, -3.0, 4.0, -2.5, 0.7, -1.9], "float32")
+    q.build(x.shape)
+    _, (g,) = grad(lambda v: ops.sum(q(v, training=True)), x)
+    np.testing.assert_allclose(g, [0.5, 2 / 3, 0.25, 0.8, 1.0, 1.0], rtol=1e-6)
 
 
 @pytest.mark.parametrize("name", builtin_names())

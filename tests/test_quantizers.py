@@ -76,11 +76,13 @@ def test_uniform_learnable_step_initialises_from_data_and_gets_gradient():
     x = np.random.default_rng(0).normal(size=(64, 4)).astype("float32")
     q = Uniform(bits=4)
     q.build(x.shape)
-    run(q, x)
+    run(q, x)  # an inference call never initialises (issue #12)
+    assert float(ops.convert_to_numpy(q.initialized)) == 0.0
+    q(x, training=True)
     init = 2 * np.mean(np.abs(x)) / np.sqrt(7)
     np.testing.assert_allclose(ops.convert_to_numpy(q.step_init), init, rtol=1e-5)
     # a second batch does not re-initialise
-    run(q, 10 * x)
+    q(10 * x, training=True)
     np.testing.assert_allclose(ops.convert_to_numpy(q.step_init), init, rtol=1e-5)
     # LSQ-style gradient reaches the step through Δ·step(x/Δ)
     from kquant.testing import variable_grads
@@ -120,4 +122,69 @@ def test_quantizer_factory_and_serialization_round_trip():
     again = kquant.quantizers.get(kquant.quantizers.serialize(q))
     assert again.get_config() == q.get_config()
     with pytest.raises(ValueError, match=r"Installed quantizers: .*dorefa.*uniform"):
-        kquant.quantizer("ternary")
+        kquant.quantizer("no_such_quantizer")
+
+
+@pytest.mark.parametrize("name", sorted(kquant.quantizers.available()))
+def test_every_registered_quantizer_round_trips_its_config(name):
+    q = kquant.quantizers.get(name)
+    again = kquant.quantizers.get(kquant.quantizers.serialize(q))
+    assert type(again) is type(q) and again.get_config() == q.get_config()
+    rebuilt = type(q).from_config(q.get_config())
+    assert rebuilt.get_config() == q.get_config()
+
+
+@pytest.mark.slow
+def test_new_quantizers_fit_under_jit_save_load_and_continue(tmp_path):
+    """TWN, BitNet, stochastic sign (kernels) and PACT (inputs) in one model."""
+    import keras
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 6)).astype("float32")
+    y = (x[:, :1] + x[:, 1:2] > 0).astype("float32")
+    jit = keras.backend.backend() != "torch"  # torch's jit_compile is TorchDynamo: not our target
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([
+        keras.Input((6,)),
+        kquant.QuantDense(16, kernel_quantizer="twn", activation="relu"),
+        kquant.QuantDense(16, kernel_quantizer="bitnet", input_quantizer=kquant.quantizer(
+            "pact", bits=2, alpha=3.0), activation="relu"),
+        kquant.QuantDense(16, kernel_quantizer=kquant.quantizer("stochastic_sign", seed=2)),
+        keras.layers.Dense(1, activation="sigmoid"),
+    ])
+    model.compile(keras.optimizers.Adam(0.02), "binary_crossentropy", jit_compile=jit)
+    loss = model.fit(x, y, epochs=8, batch_size=32, verbose=0).history["loss"]
+    assert loss[-1] < loss[0]
+    path = tmp_path / "m.keras"
+    model.save(path)
+    again = keras.saving.load_model(path)
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(again(x, training=False)),
+                                  keras.ops.convert_to_numpy(model(x, training=False)))
+    more = again.fit(x, y, epochs=1, batch_size=32, verbose=0).history["loss"]  # continues
+    assert np.isfinite(more[-1])
+
+
+def test_new_quantizers_train_under_mixed_precision():
+    import keras
+
+    x = np.random.default_rng(1).normal(size=(16, 6)).astype("float32")
+    y = (x[:, :1] > 0).astype("float32")
+    keras.config.set_dtype_policy("mixed_float16")
+    try:
+        model = keras.Sequential([
+            keras.Input((6,)),
+            kquant.QuantDense(8, kernel_quantizer="twn", input_quantizer=kquant.quantizer(
+                "pact", bits=3, alpha=2.0)),
+            kquant.QuantDense(8, kernel_quantizer="bitnet"),
+            kquant.QuantDense(1, kernel_quantizer=kquant.quantizer("stochastic_sign", seed=1)),
+        ])
+        model.compile(keras.optimizers.Adam(0.01), "mse")
+        before = [np.array(keras.ops.convert_to_numpy(w)) for w in model.trainable_weights]
+        for _ in range(2):  # the loss-scale optimizer may skip a first overflowing step
+            loss = model.train_on_batch(x, y)
+        out = model(x, training=False)
+    finally:
+        keras.config.set_dtype_policy("float32")
+    assert np.isfinite(loss) and keras.backend.standardize_dtype(out.dtype) == "float16"
+    after = [keras.ops.convert_to_numpy(w) for w in model.trainable_weights]
+    assert all(not np.array_equal(a, b) for a, b in zip(before, after))  # every weight moved, α too

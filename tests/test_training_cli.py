@@ -57,14 +57,6 @@ def test_digits_loader_shapes():
         datasets.load("imagenet")
 
 
-def test_tfds_loader_with_mock_data():
-    tfds = pytest.importorskip("tensorflow_datasets")
-    with tfds.testing.mock_data(num_examples=12):
-        (x, y), (xt, yt) = datasets.load("mnist")
-    assert x.shape == (12, 28, 28, 1) and x.dtype == np.float32 and x.max() <= 1.0
-    assert y.dtype == np.int32 and xt.shape[0] == 12
-
-
 @pytest.mark.tf_only
 def test_mirrored_strategy_matches_single_device():
     """fit under MirroredStrategy (2 logical CPUs) equals a single-device fit."""

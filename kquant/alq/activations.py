@@ -8,6 +8,14 @@ and ``γ`` follow a running average of the batch least-squares fit
 (initialised on the first batch to uniform levels spanning
 ``[0, mean + 3·std]``). Backward: straight-through inside the level range,
 zero outside (clipped STE). One global bitwidth is the usual choice.
+
+The statistics are those of the *global* batch: under ``tf.distribute`` the
+sufficient statistics (``[1, D]ᵀ[1, D]``, ``[1, D]ᵀx``, counts, sums, min/max)
+are summed over replicas before solving (:mod:`kquant.alq.replicas`). A batch
+whose statistics are not finite leaves ``x_ref``, ``γ`` and the initialisation
+flag unchanged (initialisation waits for the first finite training batch; an
+inference call never initialises). Levels are computed in float32 whatever
+the dtype policy; the output is cast to the compute dtype.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ from __future__ import annotations
 import keras
 from keras import ops
 
+from kquant.alq import replicas
 from kquant.alq.steps import sign_patterns
 
 
@@ -29,6 +38,7 @@ class ALQActivation(keras.layers.Layer):
     """Step activation with ``2^bits`` levels ``x_ref + bᵀγ`` (ALQ §4)."""
 
     def __init__(self, bits=2, momentum=0.9, rectify=True, **kwargs):
+        kwargs.setdefault("autocast", False)  # state and levels stay float32 under mixed precision
         super().__init__(**kwargs)
         self.bits = _check_bits(bits)
         if not 0.0 <= float(momentum) < 1.0:
@@ -73,40 +83,48 @@ class ALQActivation(keras.layers.Layer):
         index, _, order = self._nearest(flat, reference, gamma)
         codes = ops.take(ops.convert_to_tensor(self._patterns), ops.take(order, index), axis=0)
         features = ops.concatenate([ops.ones_like(codes[:, :1]), codes], axis=1)
-        count = ops.cast(ops.shape(flat)[0], "float32")
-        gram = ops.matmul(ops.transpose(features), features) / count
+        count = replicas.total(ops.cast(ops.shape(flat)[0], "float32"))
+        gram = replicas.total(ops.matmul(ops.transpose(features), features)) / count
         gram = gram + 1e-6 * ops.eye(self.bits + 1)
-        rhs = ops.matmul(ops.transpose(features), ops.reshape(flat, (-1, 1))) / count
+        rhs = replicas.total(ops.matmul(ops.transpose(features), ops.reshape(flat, (-1, 1)))) \
+            / count
         solution = ops.solve(gram, rhs)[:, 0]
         return solution[0], ops.abs(solution[1:])
 
     def _initial(self, target):
-        low = ops.maximum(ops.min(target), 0.0)
-        high = ops.minimum(ops.mean(target) + 3.0 * ops.std(target), ops.max(target))
+        count = replicas.total(ops.cast(ops.size(target), "float32"))
+        mean = replicas.total(ops.sum(target)) / count
+        variance = ops.maximum(replicas.total(ops.sum(target * target)) / count - mean * mean, 0.0)
+        low = ops.maximum(replicas.minimum(ops.min(target)), 0.0)
+        high = ops.minimum(mean + 3.0 * ops.sqrt(variance), replicas.maximum(ops.max(target)))
         high = ops.maximum(high, low + 1e-3)
         steps = ops.convert_to_tensor([2.0**i for i in range(self.bits)]) / (2.0**self.bits - 1)
         return 0.5 * (low + high), 0.5 * (high - low) * steps
 
     def call(self, inputs, training=None):
+        inputs = ops.cast(inputs, "float32")
         target = ops.relu(inputs) if self.rectify else inputs
         reference, gamma = ops.convert_to_tensor(self.reference), ops.convert_to_tensor(self.gamma)
+        initialized = ops.convert_to_tensor(self.initialized)
         if training:
             start_ref, start_gamma = self._initial(target)
-            fresh = ops.convert_to_tensor(self.initialized) > 0
-            reference = ops.where(fresh, reference, start_ref)
-            gamma = ops.where(fresh, gamma, start_gamma)
-            batch_ref, batch_gamma = self._batch_fit(target, reference, gamma)
-            ok = ops.logical_and(ops.all(ops.isfinite(batch_gamma)), ops.isfinite(batch_ref))
+            fresh = initialized > 0
+            prior_ref = ops.where(fresh, reference, start_ref)
+            prior_gamma = ops.where(fresh, gamma, start_gamma)
+            batch_ref, batch_gamma = self._batch_fit(target, prior_ref, prior_gamma)
             m = self.momentum
-            reference = ops.where(ok, m * reference + (1 - m) * batch_ref, reference)
-            gamma = ops.where(ok, m * gamma + (1 - m) * batch_gamma, gamma)
+            new_ref = m * prior_ref + (1 - m) * batch_ref
+            new_gamma = m * prior_gamma + (1 - m) * batch_gamma
+            ok = ops.logical_and(ops.all(ops.isfinite(new_gamma)), ops.isfinite(new_ref))
+            reference = ops.where(ok, new_ref, reference)
+            gamma = ops.where(ok, new_gamma, gamma)
             self.reference.assign(reference)
             self.gamma.assign(gamma)
-            self.initialized.assign(ops.ones(()))
+            self.initialized.assign(ops.where(ok, ops.ones_like(initialized), initialized))
         index, sorted_levels, _ = self._nearest(target, reference, gamma)
         quantized = ops.take(sorted_levels, index)
         clipped = ops.clip(target, sorted_levels[0], sorted_levels[-1])
-        return clipped + ops.stop_gradient(quantized - clipped)
+        return ops.cast(clipped + ops.stop_gradient(quantized - clipped), self.compute_dtype)
 
     def compute_output_shape(self, input_shape):
         return input_shape

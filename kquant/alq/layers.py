@@ -1,10 +1,14 @@
 """ALQ layers: the kernel is ``ŵ_g = B_g α_g`` per group, no latent float weights.
 
-State (fixed shapes, so training compiles): ``bases`` ``[G, n, I_max]`` (±1),
+State (fixed shapes, so training compiles): ``bases`` ``[G, n, I_max]`` (±1,
+stored as ``int8``, or ``bfloat16`` on JAX, whose autodiff only accepts
+floating variables; see :func:`bases_dtype`),
 ``coordinates`` ``[G, I_max]`` (α ≥ 0), ``mask`` ``[G, I_max]`` (1 = active
 basis; a group's bitwidth ``I_g`` is its number of active slots, 0 removes the
 group). The forward kernel is ``Σ_i B_i α_i mask_i`` reshaped to the Keras
-kernel (see :mod:`kquant.alq.groups`), plus ``kernel_tap``.
+kernel (see :mod:`kquant.alq.groups`), plus ``kernel_tap``, computed in
+float32 and cast to the layer's compute dtype (mixed precision keeps the
+levels exact; the layer does not autocast its state).
 
 ``kernel_tap`` is a zero-valued trainable variable of the kernel's shape whose
 only role is to receive ``∂ℓ/∂ŵ`` from autodiff: the ALQ optimizer
@@ -36,6 +40,23 @@ def _tag(variable, role, layer):
     setattr(variable, ALQ_LAYER, layer)
 
 
+def bases_dtype() -> str:
+    """Backend seam: the storage dtype of the ±1 bases.
+
+    ``int8`` where a trainable integer variable is allowed (TensorFlow, torch);
+    ``bfloat16`` on JAX, whose ``grad`` refuses integer inputs and whose
+    ``LossScaleOptimizer`` cannot divide a float8 (zero) gradient by its
+    float32 scale (±1 are exact in all three). The bases are trainable only so
+    that JAX's stateless step writes the optimizer's assignments back; their
+    autodiff gradient is cut. Saved files hold them as int8 on every backend.
+    """
+    return "bfloat16" if keras.backend.backend() == "jax" else "int8"
+
+
+def _as_int8(variable):
+    return np.asarray(ops.convert_to_numpy(variable.value)).astype(np.float32).astype(np.int8)
+
+
 def alq_role(variable):
     """``"tap"``, ``"state"`` or ``None`` for a (Keras or backend) variable."""
     return getattr(variable, ALQ_ROLE, None)
@@ -49,6 +70,7 @@ class ALQLayer(keras.layers.Layer):
     def __init__(self, group=None, max_bits=6, activation=None, use_bias=True,
                  kernel_initializer="glorot_uniform", bias_initializer="zeros",
                  input_quantizer=None, **kwargs):
+        kwargs.setdefault("autocast", False)  # B, α stay float32 under mixed precision
         super().__init__(**kwargs)
         self.group = group_lib.canonical(self.default_group if group is None else group)
         self.max_bits = sketching.check_max_bits(max_bits)
@@ -78,7 +100,8 @@ class ALQLayer(keras.layers.Layer):
         shape = self._kernel_shape(input_shape)
         self.layout = group_lib.GroupLayout(shape, self.group, f"layer {self.name!r}")
         g, n, bits = self.layout.num_groups, self.layout.group_size, self.max_bits
-        self.bases = self.add_weight(name="bases", shape=(g, n, bits), initializer="ones")
+        self.bases = self.add_weight(name="bases", shape=(g, n, bits), initializer="ones",
+                                     dtype=bases_dtype())
         self.coordinates = self.add_weight(name="coordinates", shape=(g, bits), initializer="zeros")
         self.mask = self.add_weight(name="mask", shape=(g, bits), initializer="zeros")
         self.kernel_tap = self.add_weight(name="kernel_tap", shape=shape, initializer="zeros")
@@ -107,9 +130,23 @@ class ALQLayer(keras.layers.Layer):
                              f"(kernel shape {self.layout.kernel_shape}).")
         bases, alpha, mask = sketching.sketch(self.layout.to_groups_numpy(kernel),
                                               self.max_bits, sigma)
-        self.bases.assign(bases)
+        self.bases.assign(ops.cast(np.asarray(bases, dtype=np.float32), self.bases.dtype))
         self.coordinates.assign(alpha)
         self.mask.assign(mask)
+
+    def save_own_variables(self, store):
+        # The ±1 bases are written as int8 on every backend (bfloat16 is no HDF5 type),
+        # so a file saved on one backend loads on another.
+        for i, v in enumerate(self._trainable_variables + self._non_trainable_variables):
+            store[f"{i}"] = _as_int8(v) if v is self.bases else v
+
+    def load_own_variables(self, store):
+        self._check_load_own_variables(store)
+        for i, v in enumerate(self._trainable_variables + self._non_trainable_variables):
+            value = store[f"{i}"]
+            if v is self.bases:
+                value = ops.cast(np.asarray(value, dtype=np.float32), v.dtype)
+            v.assign(value)
 
     def alq_state(self):
         """``(bases, coordinates, mask)`` variables."""
@@ -117,7 +154,8 @@ class ALQLayer(keras.layers.Layer):
 
     def grouped_kernel(self):
         """``ŵ`` as ``[G, n]``."""
-        return steps.decode(ops.stop_gradient(self.bases), ops.stop_gradient(self.coordinates),
+        bases = ops.cast(ops.stop_gradient(self.bases), "float32")
+        return steps.decode(bases, ops.stop_gradient(self.coordinates),
                             ops.stop_gradient(self.mask))
 
     def quantized_kernel(self, training=None):
@@ -139,9 +177,11 @@ class ALQLayer(keras.layers.Layer):
     def call(self, inputs, training=None):
         if self.input_quantizer is not None:
             inputs = self.input_quantizer(inputs, training=training)
-        outputs = self._apply_kernel(inputs, self.quantized_kernel(training))
+        dtype = self.compute_dtype
+        outputs = self._apply_kernel(ops.cast(inputs, dtype),
+                                     ops.cast(self.quantized_kernel(training), dtype))
         if self.bias is not None:
-            outputs = outputs + self.bias
+            outputs = outputs + ops.cast(self.bias, dtype)
         if self.activation is not None:
             outputs = self.activation(outputs)
         return outputs

@@ -6,9 +6,11 @@ AMSGrad moments in the weight domain (``[G, n]``) and in the α domain
 quadratic model ``g = a·m/(1−β₁ᵗ)``, ``H = (√v̂ + ε)/√(1−β₂ᵗ)`` updates the
 layer's state according to :attr:`ALQ.phase`:
 
-* ``"bases"`` (Alg. 3): rows of ``B`` ← nearest level to ``ŵ − g/H``
-  (exhaustive over the ``2^I_max`` sign patterns), then the Eq. 23 refit
-  ``α = (BᵀHB + λI)⁻¹Bᵀ(Hŵ_old − g)``, negative α flipped with their bases;
+* ``"bases"`` (Alg. 3): rows of ``B`` ← nearest level to ``ŵ − g/H`` (the
+  paper's exhaustive search over the ``2^I_max`` sign patterns, computed by
+  bisection in each group's sorted levels: same codes, memory ``O(n·I)``),
+  then the Eq. 23 refit ``α = (BᵀHB + λI)⁻¹Bᵀ(Hŵ_old − g)``, negative α
+  flipped with their bases and their α first moments;
 * ``"coordinates"`` (Alg. 4): AMSGrad on α (``a·m̂_α/(√v̂_α + ε)``), negative
   α flipped with their bases;
 * ``"prune"``: ALQ state held, only the moments move (Alg. 2 reads them).
@@ -18,10 +20,19 @@ tags its tap (``"tap"``) and ``bases``/``coordinates``/``mask`` (``"state"``).
 Every other trainable variable (biases, BatchNorm, float layers) is trained by
 an Adam rule inside the same optimizer, with the same learning rate.
 
-A step whose gradient for a layer is not finite is skipped for that layer
-(state and moments unchanged) and counted in ``non_finite_steps``; a warning
-is emitted once, when the count can be read (eager ``apply``, or the ALQ
-callbacks at epoch end).
+A step with any non-finite gradient is skipped as a whole, like
+:class:`~kquant.optimizers.SkipNonFinite`: every variable (ALQ state, moments,
+biases, ``iterations``) keeps its value, and ``non_finite_steps`` counts it.
+The decision needs no host read and no extra collective: a non-finite
+gradient anywhere turns every gradient of that replica into NaN before the
+cross-replica sum, so every variable's summed gradient is non-finite on every
+replica. A warning is emitted once, when the count can be read (eager
+``apply``, or the ALQ callbacks at epoch end).
+
+The optimizer also holds the :class:`~kquant.alq.ALQSchedule` progress
+(``schedule_start_bits``, ``prune_start_budget``, ``prune_steps_done``), so a
+checkpoint of the model (``BackupAndRestore``, ``model.save``) resumes the
+pipeline exactly.
 """
 
 from __future__ import annotations
@@ -43,6 +54,27 @@ def _phase_index(phase):
     if isinstance(phase, int) and not isinstance(phase, bool) and 0 <= phase < len(PHASES):
         return phase
     raise ValueError(f"`phase` must be one of {PHASES}, got {phase!r}.")
+
+
+def _host_value(variable):
+    """Backend seam: a (possibly distributed) variable's value as NumPy, on the host."""
+    value = variable.value
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        if isinstance(value, tf.distribute.DistributedValues) or hasattr(value, "_values"):
+            value = tf.distribute.get_strategy().experimental_local_results(value)[0]
+        if hasattr(value, "read_value") and not isinstance(value, tf.Tensor):
+            value = value.read_value()
+    return ops.convert_to_numpy(value)
+
+
+def _read_int(variable) -> int:
+    return int(_host_value(variable))
+
+
+def _read_float(variable) -> float:
+    return float(_host_value(variable))
 
 
 def _concrete_int(variable):
@@ -75,10 +107,13 @@ class ALQ(keras.optimizers.Optimizer):
         ridge: ``λ`` of the Eq. 23 refit (paper: 1e-6).
         coordinate_l2: L2 on α in the α-domain gradient (paper §3.3).
         phase: initial phase, one of ``"bases"``, ``"coordinates"``, ``"prune"``.
+        search: bases search, ``"sorted"`` (bisection in the sorted levels,
+            memory ``O(n·I)``) or ``"exhaustive"`` (the paper's, memory
+            ``G·n·2^I``); both return the same bases.
     """
 
     def __init__(self, learning_rate=1e-3, beta_1=0.9, beta_2=0.999, epsilon=1e-8, ridge=1e-6,
-                 coordinate_l2=1e-5, phase="bases", name="alq", **kwargs):
+                 coordinate_l2=1e-5, phase="bases", search="sorted", name="alq", **kwargs):
         super().__init__(learning_rate=learning_rate, name=name, **kwargs)
         for arg, value, low, high in (("beta_1", beta_1, 0.0, 1.0), ("beta_2", beta_2, 0.0, 1.0)):
             if not low <= float(value) < high:
@@ -88,24 +123,36 @@ class ALQ(keras.optimizers.Optimizer):
                 raise ValueError(f"`{arg}` must be >= 0, got {value!r}.")
         self.beta_1, self.beta_2, self.epsilon = float(beta_1), float(beta_2), float(epsilon)
         self.ridge, self.coordinate_l2 = float(ridge), float(coordinate_l2)
+        if search not in ("sorted", "exhaustive"):
+            raise ValueError(f"`search` must be 'sorted' or 'exhaustive', got {search!r}.")
+        self.search = search
         self.initial_phase = PHASES[_phase_index(phase)]
+        state = (("_phase", "phase", "int32", _phase_index(phase)),
+                 ("_non_finite", "non_finite_steps", "int32", 0),
+                 ("_start_bits", "schedule_start_bits", "float32", -1.0),
+                 ("_prune_start", "prune_start_budget", "float32", -1.0),
+                 ("_prune_done", "prune_steps_done", "int32", 0))
         with keras.name_scope(self.name, caller=self):
-            self._phase = keras.Variable(_phase_index(phase), name="phase", dtype="int32",
-                                         trainable=False, aggregation="only_first_replica")
-            self._non_finite = keras.Variable(0, name="non_finite_steps", dtype="int32",
-                                              trainable=False, aggregation="only_first_replica")
-        self._track_variable(self._phase)
-        self._track_variable(self._non_finite)
+            for attr, name, dtype, value in state:
+                variable = keras.Variable(value, name=name, dtype=dtype, trainable=False,
+                                          aggregation="only_first_replica")
+                object.__setattr__(self, attr, variable)
+                self._track_variable(variable)
         self._warned_non_finite = False
+
+    def __setattr__(self, name, value):
+        # Keras' trackable __setattr__ reads the current attribute first, which
+        # inside a tf.distribute scope would run the NumPy getter: set phase directly.
+        if name == "phase":
+            self._phase.assign(_phase_index(value))
+            return
+        super().__setattr__(name, value)
 
     # -- phase and diagnostics ---------------------------------------------------
     @property
     def phase(self) -> str:
-        return PHASES[int(ops.convert_to_numpy(self._phase.value))]
-
-    @phase.setter
-    def phase(self, value):
-        self._phase.assign(_phase_index(value))
+        """The current phase (a host read; inside a traced step use :attr:`phase_variable`)."""
+        return PHASES[_read_int(self._phase)]
 
     @property
     def phase_variable(self):
@@ -113,15 +160,33 @@ class ALQ(keras.optimizers.Optimizer):
 
     @property
     def non_finite_steps(self) -> int:
-        return int(ops.convert_to_numpy(self._non_finite.value))
+        """Steps skipped for NaN/inf gradients."""
+        return _read_int(self._non_finite)
+
+    def schedule_state(self):
+        """``{"start_bits", "prune_start_budget", "prune_steps_done"}`` of the ALQ pipeline
+        (``None`` where not yet set), read from the optimizer's saved variables."""
+        start, budget = (_read_float(v) for v in (self._start_bits, self._prune_start))
+        return {"start_bits": None if start < 0 else start,
+                "prune_start_budget": None if budget < 0 else budget,
+                "prune_steps_done": _read_int(self._prune_done)}
+
+    def set_schedule_state(self, start_bits=None, prune_start_budget=None, prune_steps_done=None):
+        """Record pipeline progress (``-1`` clears a value); see :meth:`schedule_state`."""
+        if start_bits is not None:
+            self._start_bits.assign(float(start_bits))
+        if prune_start_budget is not None:
+            self._prune_start.assign(float(prune_start_budget))
+        if prune_steps_done is not None:
+            self._prune_done.assign(int(prune_steps_done))
 
     def warn_if_non_finite(self):
         """Warn (once) if some layer step was skipped for a NaN/inf gradient."""
         count = _concrete_int(self._non_finite)
         if count and not self._warned_non_finite:
             self._warned_non_finite = True
-            warnings.warn(f"ALQ: {count} layer step(s) had NaN/inf gradients and were skipped "
-                          "(bases, coordinates and moments left unchanged).", RuntimeWarning,
+            warnings.warn(f"ALQ: {count} training step(s) had NaN/inf gradients and were skipped "
+                          "(every variable and optimizer state left unchanged).", RuntimeWarning,
                           stacklevel=2)
         return count
 
@@ -157,12 +222,23 @@ class ALQ(keras.optimizers.Optimizer):
         # Plain Python bookkeeping, kept out of Keras' variable tracking.
         object.__setattr__(self, "_roles", roles)
         object.__setattr__(self, "_owner_layers", layers)
+        # The variable whose update also counts the step (a tap if any: it always has a gradient).
+        counting = [i for i, r in enumerate(roles) if r == "tap"] or \
+            [i for i, r in enumerate(roles) if r is None]
+        object.__setattr__(self, "_count_index", counting[0] if counting else -1)
 
     def alpha_moments(self, layer):
         """``(m_α, v_α, v̂_α)`` optimizer variables of an ALQ layer (for pruning)."""
         for i, owner in enumerate(self._owner_layers):
             if owner is layer:
                 return self._alpha_m[i], self._alpha_v[i], self._alpha_vmax[i]
+        raise KeyError(f"Layer {layer.name!r} is not trained by this ALQ optimizer.")
+
+    def weight_moments(self, layer):
+        """``(m, v, v̂)`` weight-domain ``[G, n]`` optimizer variables of an ALQ layer."""
+        for i, owner in enumerate(self._owner_layers):
+            if owner is layer:
+                return self._weight_m[i], self._weight_v[i], self._weight_vmax[i]
         raise KeyError(f"Layer {layer.name!r} is not trained by this ALQ optimizer.")
 
     def alpha_quadratic_model(self, layer, learning_rate=None):
@@ -187,6 +263,12 @@ class ALQ(keras.optimizers.Optimizer):
         return super()._filter_empty_gradients(list(grads), list(variables))
 
     def apply(self, grads, trainable_variables=None):
+        # Per-step guard: one non-finite gradient poisons them all (see the module docstring).
+        present = [g for g in grads if g is not None]
+        if present:
+            finite = ops.all(ops.stack([ops.all(ops.isfinite(g)) for g in present]))
+            grads = [None if g is None else ops.where(finite, g, ops.full_like(g, float("nan")))
+                     for g in grads]
         result = super().apply(grads, trainable_variables)
         self.warn_if_non_finite()
         return result
@@ -206,7 +288,10 @@ class ALQ(keras.optimizers.Optimizer):
             self._alq_update(index, gradient, finite, lr, t)
         else:
             self._adam_update(index, variable, gradient, finite, lr, t)
-        self.assign_add(self._non_finite, ops.where(finite, 0, 1))
+        if index == self._count_index:  # once per step: count it, and keep `iterations`
+            skipped = ops.where(finite, 0, 1)
+            self.assign_add(self._non_finite, skipped)
+            self.assign_sub(self.iterations, ops.cast(skipped, self.iterations.dtype))
 
     def _adam_update(self, index, variable, gradient, finite, lr, t):
         b1, b2 = self.beta_1, self.beta_2
@@ -223,7 +308,8 @@ class ALQ(keras.optimizers.Optimizer):
         layer = self._owner_layers[index]
         b1, b2, eps = self.beta_1, self.beta_2, self.epsilon
         bases_var, alpha_var, mask_var = layer.alq_state()
-        bases, alpha, mask = (ops.convert_to_tensor(v) for v in (bases_var, alpha_var, mask_var))
+        alpha, mask = (ops.convert_to_tensor(v) for v in (alpha_var, mask_var))
+        bases = ops.cast(ops.convert_to_tensor(bases_var), "float32")
         g_w = layer.layout.to_groups(gradient)
         slots = (self._weight_m[index], self._weight_v[index], self._weight_vmax[index],
                  self._alpha_m[index], self._alpha_v[index], self._alpha_vmax[index])
@@ -233,18 +319,19 @@ class ALQ(keras.optimizers.Optimizer):
         m = b1 * m + (1 - b1) * g_w
         v = b2 * v + (1 - b2) * g_w * g_w
         vmax = ops.maximum(vmax, v)
-        g_a = (ops.einsum("gni,gn->gi", bases, g_w) + self.coordinate_l2 * alpha) * mask
+        g_a = (ops.squeeze(ops.matmul(ops.expand_dims(g_w, 1), bases), 1)
+               + self.coordinate_l2 * alpha) * mask
         m_a = b1 * m_a + (1 - b1) * g_a
         v_a = b2 * v_a + (1 - b2) * g_a * g_a
         vmax_a = ops.maximum(vmax_a, v_a)
         correction_1, correction_2 = 1 - b1**t, ops.sqrt(1 - b2**t)
-        ridge = self.ridge
+        ridge, search = self.ridge, self.search
 
         def bases_phase(bases, alpha, m_a):
             g = lr * m / correction_1
             h = (ops.sqrt(vmax) + eps) / correction_2
-            new_bases, new_alpha = steps.bases_step(bases, alpha, mask, g, h, ridge)
-            return new_bases, new_alpha, m_a
+            return steps.bases_step(bases, alpha, mask, g, h, ridge, moments=(m_a,),
+                                    search=search)
 
         def coordinates_phase(bases, alpha, m_a):
             step = lr * (m_a / correction_1) / (ops.sqrt(vmax_a) / correction_2 + eps)
@@ -257,7 +344,7 @@ class ALQ(keras.optimizers.Optimizer):
         new_bases, new_alpha, m_a = ops.switch(
             phase, [bases_phase, coordinates_phase, prune_phase], bases, alpha, m_a)
 
-        self.assign(bases_var, ops.where(finite, new_bases, bases))
+        self.assign(bases_var, ops.cast(ops.where(finite, new_bases, bases), bases_var.dtype))
         self.assign(alpha_var, ops.where(finite, new_alpha, alpha))
         for target, value, previous in zip(slots, (m, v, vmax, m_a, v_a, vmax_a), old):
             self.assign(target, ops.where(finite, value, previous))
@@ -271,4 +358,5 @@ class ALQ(keras.optimizers.Optimizer):
             "ridge": self.ridge,
             "coordinate_l2": self.coordinate_l2,
             "phase": self.initial_phase,
+            "search": self.search,
         }

@@ -4,10 +4,15 @@ Removing coordinate ``α_i`` (and its basis) costs, under the α-domain quadrati
 model of the ALQ optimizer, ``f_i = −g_{α,i}α_i + ½H_{α,ii}α_i²`` (Eq. 13).
 Over ``T`` steps the network's bit budget ``W = Σ_layers n_l·#active α_l``
 (weights × bits) goes linearly from ``W_0`` to ``W_T = target_bits · N``; at
-each step every layer offers its lowest-f coordinates (its top ``k`` share,
-at least enough to cover the step alone), the offers are sorted globally and
-the smallest are removed until the budget is met. With equal group sizes this
-removes ``M_p ≈ (M_0 − M_T)/T`` bases per step, as in the paper.
+each step every layer offers its lowest-f coordinates, the same share ``k`` of
+its active ones (the paper's top-k %, k ≈ 0.5–1 %), the offers are sorted
+globally and the smallest are removed until the budget is met. Only when
+``k`` cannot cover the step (few steps per epoch, unlike the paper's ~470)
+does the share grow, for every layer alike, to ``CHOICE`` = 3× the step's
+fraction of the whole budget (the global sort keeps a choice; a uniform share
+of exactly the step would prune every layer alike): a small layer can no
+longer cover a step alone, as the old per-layer minimum quota allowed. With equal group sizes this removes ``M_p ≈ (M_0 − M_T)/T``
+bases per step, as in the paper.
 """
 
 from __future__ import annotations
@@ -19,6 +24,20 @@ import numpy as np
 from keras import ops
 
 from kquant.alq.layers import alq_layers
+
+
+def alq_optimizer(optimizer):
+    """The :class:`~kquant.optimizers.ALQ` inside ``optimizer`` (itself, or wrapped by
+    ``LossScaleOptimizer`` / ``SkipNonFinite``); ``TypeError`` if there is none."""
+    from kquant.alq.optimizer import ALQ
+
+    found = optimizer
+    while not isinstance(found, ALQ) and hasattr(found, "inner_optimizer"):
+        found = found.inner_optimizer
+    if not isinstance(found, ALQ):
+        raise TypeError("The model must be compiled with kquant.optimizers.ALQ (optionally "
+                        f"wrapped in a LossScaleOptimizer), got {type(optimizer).__name__}.")
+    return found
 
 
 def sync_training_state(model):
@@ -57,6 +76,9 @@ def remove(layer, optimizer, flat_indices):
         variable.assign(np.asarray(ops.convert_to_numpy(variable)) * keep)
 
 
+CHOICE = 3.0  # offers ≥ 3× the step, so the global sort still chooses among layers
+
+
 def prune_once(layers, optimizer, bits_to_remove, top_k=0.01):
     """Remove the lowest-f bases until at least ``bits_to_remove`` weight-bits are gone.
 
@@ -65,15 +87,16 @@ def prune_once(layers, optimizer, bits_to_remove, top_k=0.01):
     if bits_to_remove <= 0:
         return [0] * len(layers)
     offers = []  # (f, layer index, flat slot, cost in weight-bits)
+    budget = sum(int(l.group_bitwidths().sum()) * l.layout.group_size for l in layers)
+    share = min(1.0, max(float(top_k), CHOICE * bits_to_remove / budget)) if budget else 1.0
     for li, layer in enumerate(layers):
         f = importance(layer, optimizer).reshape(-1)
         active = np.flatnonzero(np.isfinite(f))
         if active.size == 0:
             continue
-        n = layer.layout.group_size
-        k = min(active.size, max(math.ceil(top_k * active.size), math.ceil(bits_to_remove / n)))
+        k = min(active.size, max(1, math.ceil(share * active.size)))
         chosen = active[np.argsort(f[active], kind="stable")[:k]]
-        offers.extend((f[j], li, j, n) for j in chosen)
+        offers.extend((f[j], li, j, layer.layout.group_size) for j in chosen)
     offers.sort(key=lambda o: o[0])
     removed, per_layer = 0, [[] for _ in layers]
     for _, li, j, cost in offers:
@@ -90,7 +113,8 @@ def prune_once(layers, optimizer, bits_to_remove, top_k=0.01):
 class PruningRun:
     """One execution of Alg. 2: ``steps`` pruning iterations down to ``target_bits``."""
 
-    def __init__(self, layers, optimizer, target_bits, steps, top_k=0.01):
+    def __init__(self, layers, optimizer, target_bits, steps, top_k=0.01, start_budget=None,
+                 done=0):
         if not layers:
             raise ValueError("No ALQ layer to prune.")
         if not float(target_bits) >= 0:
@@ -102,9 +126,10 @@ class PruningRun:
         self.layers, self.optimizer = list(layers), optimizer
         self.steps, self.top_k = int(steps), float(top_k)
         self.total_weights = sum(l.layout.num_weights for l in self.layers)
-        self.start_budget = self._budget()
+        # A resumed run passes the budget it started from and the steps already done.
+        self.start_budget = self._budget() if start_budget is None else float(start_budget)
         self.target_budget = min(float(target_bits) * self.total_weights, self.start_budget)
-        self.done = 0
+        self.done = int(done)
         self.history = []
 
     def _budget(self):
@@ -142,14 +167,15 @@ class ALQPruning(keras.callbacks.Callback):
         self.run = None
 
     def on_train_begin(self, logs=None):
-        self.run = PruningRun(alq_layers(self.model), self.model.optimizer, self.target_bits,
+        optimizer = alq_optimizer(self.model.optimizer)
+        self.run = PruningRun(alq_layers(self.model), optimizer, self.target_bits,
                               self.steps, self.top_k)
         if self.hold_weights:
-            self.model.optimizer.phase = "prune"
+            optimizer.phase = "prune"
 
     def on_train_batch_end(self, batch, logs=None):
         if self.run is not None and not self.run.finished:
             sync_training_state(self.model)
             self.run.step()
             if self.run.finished and self.hold_weights:
-                self.model.optimizer.phase = self.after_phase
+                alq_optimizer(self.model.optimizer).phase = self.after_phase

@@ -19,21 +19,117 @@ def sign_patterns(bits: int):
 
 def decode(bases, coordinates, mask):
     """``ŵ_g = B_g (α_g ⊙ mask_g)`` → ``[G, n]``."""
-    return ops.einsum("gni,gi->gn", bases, coordinates * mask)
+    bases = ops.cast(bases, coordinates.dtype)
+    return ops.squeeze(ops.matmul(bases, ops.expand_dims(coordinates * mask, -1)), -1)
 
 
-def nearest_bases(target, bases, coordinates, mask):
+def levels(coordinates, mask):
+    """The ``2^I`` representable values ``bᵀ(α ⊙ mask)`` of every group, ``[G, 2^I]``
+    (column k is sign pattern k of :func:`sign_patterns`)."""
+    patterns = ops.convert_to_tensor(sign_patterns(int(coordinates.shape[-1])))
+    return ops.matmul(coordinates * mask, ops.transpose(patterns))
+
+
+def exhaustive_codes(target, coordinates, mask):
+    """Pattern index ``k`` of the nearest level per weight, by exhaustive search.
+
+    Reference implementation (memory ``G·n·2^I``); ties go to the lowest index.
+    """
+    values = levels(coordinates, mask)
+    distance = ops.abs(ops.expand_dims(target, -1) - ops.expand_dims(values, 1))
+    return ops.cast(ops.argmin(distance, axis=-1), "int32")
+
+
+def sorted_codes(target, coordinates, mask):
+    """Same codes as :func:`exhaustive_codes`, memory ``O(G·(n + 2^I))``.
+
+    Each group's ``2^I`` levels are sorted once (stable, so equal levels keep
+    pattern order); a branchless ``I``-step bisection finds, per weight, the
+    first sorted level ``≥ t``; the nearest level is that one or its
+    predecessor (taken at the start of its run of equal values), compared with
+    the exhaustive search's own ``|t − level|`` and lowest-index tie rule.
+    """
+    bits = int(coordinates.shape[-1])
+    size = 2**bits
+    values = levels(coordinates, mask)                                    # [G, L]
+    order = _stable_argsort(values)
+    ordered = ops.take_along_axis(values, order, axis=-1)                  # [G, L] ascending
+    # Start of each run of equal sorted values (its lowest pattern index).
+    position = ops.broadcast_to(ops.arange(size, dtype="int32"), ops.shape(ordered))
+    new_run = ops.concatenate([ops.ones_like(ordered[:, :1], dtype="bool"),
+                               ordered[:, 1:] != ordered[:, :-1]], axis=-1)
+    run_start = _cummax(ops.where(new_run, position, 0))
+    # below = #levels < t, by bisection over the sorted row (I steps).
+    below = ops.zeros(ops.shape(target), dtype="int32")
+    for step in (2**e for e in range(bits - 1, -1, -1)):
+        probe = ops.take_along_axis(ordered, below + (step - 1), axis=-1)
+        below = below + ops.where(probe < target, step, 0)
+    last = ops.take_along_axis(ordered, ops.full_like(below[:, :1], size - 1), axis=-1)
+    below = below + ops.cast(last < target, "int32")                      # all levels < t
+    hi = ops.minimum(below, size - 1)
+    lo = ops.take_along_axis(run_start, ops.maximum(below - 1, 0), axis=-1)
+    d_hi = ops.abs(target - ops.take_along_axis(ordered, hi, axis=-1))
+    d_lo = ops.abs(target - ops.take_along_axis(ordered, lo, axis=-1))
+    code_hi = ops.take_along_axis(order, hi, axis=-1)
+    code_lo = ops.take_along_axis(order, lo, axis=-1)
+    pick_lo = ops.logical_or(d_lo < d_hi, ops.logical_and(d_lo == d_hi, code_lo < code_hi))
+    return ops.where(pick_lo, code_lo, code_hi)
+
+
+def _stable_argsort(values):
+    """Backend seam: ``argsort`` along the last axis keeping equal values in index order
+    (``tf.argsort`` is unstable by default; JAX's is stable)."""
+    import keras
+
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        return tf.cast(tf.argsort(values, axis=-1, stable=True), tf.int32)
+    if keras.backend.backend() == "torch":
+        import torch
+
+        return torch.argsort(values, dim=-1, stable=True).to(torch.int32)
+    return ops.cast(ops.argsort(values, axis=-1), "int32")
+
+
+def _cummax(x):
+    """Running maximum along the last axis (log-step scan; ``keras.ops`` has no cummax)."""
+    size = int(x.shape[-1])
+    shift = 1
+    while shift < size:
+        padded = ops.concatenate([ops.zeros_like(x[:, :shift]), x[:, :-shift]], axis=-1)
+        x = ops.maximum(x, padded)
+        shift *= 2
+    return ops.cast(x, "int32")
+
+
+def codes_to_bases(codes, bits, dtype="float32"):
+    """Pattern indices ``[G, n]`` → ±1 bases ``[G, n, bits]`` (bit i set ↔ −1)."""
+    shifts = ops.convert_to_tensor(np.arange(bits, dtype="int32"))
+    bit = ops.bitwise_and(ops.right_shift(ops.expand_dims(ops.cast(codes, "int32"), -1), shifts), 1)
+    return ops.cast(1 - 2 * bit, dtype)
+
+
+def bases_to_codes(bases):
+    """±1 bases ``[G, n, I]`` → pattern indices ``[G, n]`` (inverse of :func:`codes_to_bases`)."""
+    bits = int(bases.shape[-1])
+    weights = ops.convert_to_tensor((2 ** np.arange(bits)).astype("int32"))
+    return ops.sum(ops.cast(ops.cast(bases, "float32") < 0, "int32") * weights, axis=-1)
+
+
+def nearest_bases(target, bases, coordinates, mask, search="sorted"):
     """Bases step (ALQ Eq. 19–20): each row ``B_{g,j}`` ← the ``b`` whose ``bᵀα_g`` is nearest ``t_{g,j}``.
 
-    Exhaustive over all ``2^I`` sign patterns at once (masked slots have a zero
-    coefficient, so they only repeat levels; they keep their old value).
-    Memory ``G·n·2^I`` floats.
+    ``search="sorted"`` (default, memory ``O(n·I)``) or ``"exhaustive"`` (the
+    paper's search over all ``2^I`` patterns, memory ``G·n·2^I``); both give the
+    same codes. Masked slots have a zero coefficient, so they only repeat
+    levels; they keep their old value.
     """
-    patterns = ops.convert_to_tensor(sign_patterns(int(bases.shape[-1])))
-    levels = ops.matmul(coordinates * mask, ops.transpose(patterns))          # [G, 2^I]
-    distance = ops.abs(ops.expand_dims(target, -1) - ops.expand_dims(levels, 1))  # [G, n, 2^I]
-    choice = ops.argmin(distance, axis=-1)                                    # [G, n]
-    chosen = ops.take(patterns, choice, axis=0)                               # [G, n, I]
+    if search not in ("sorted", "exhaustive"):
+        raise ValueError(f"`search` must be 'sorted' or 'exhaustive', got {search!r}.")
+    find = sorted_codes if search == "sorted" else exhaustive_codes
+    bits = int(bases.shape[-1])
+    chosen = codes_to_bases(find(target, coordinates, mask), bits, bases.dtype)
     return ops.where(ops.expand_dims(mask, 1) > 0, chosen, bases)
 
 
@@ -43,30 +139,38 @@ def refit_coordinates(bases, mask, g, h, w_old, ridge=1e-6):
     Minimizes ``gᵀ(Bα − ŵ_old) + ½(Bα − ŵ_old)ᵀH(Bα − ŵ_old) + ½λ‖α‖²`` over the active
     slots: ``α = (BᵀHB + λI)⁻¹ Bᵀ(H ŵ_old − g)``, i.e. the paper's
     ``−(BᵀHB)⁻¹Bᵀ(g − H B_old α_old)``. Masked slots get 1 on the diagonal
-    (so the system stays invertible) and a zero right-hand side → ``α = 0``.
+    (so the system stays invertible) and a zero right-hand side → ``α = 0``;
+    active slots get ``λ + 10⁻⁶·(BᵀHB)_ii`` (see below).
     """
-    masked = bases * ops.expand_dims(mask, 1)
+    masked = ops.cast(bases, h.dtype) * ops.expand_dims(mask, 1)          # [G, n, I]
     size = int(bases.shape[-1])
-    gram = ops.einsum("gni,gn,gnj->gij", masked, h, masked)
-    diagonal = ridge * mask + (1.0 - mask)
+    gram = ops.matmul(ops.transpose(masked * ops.expand_dims(h, -1), (0, 2, 1)), masked)
+    # + a relative 1e-6 of the diagonal: identical basis columns (small groups) make BᵀHB
+    # singular, and an absolute λ = 1e-6 vanishes in float32 next to a large H.
+    scale = ops.diagonal(gram, axis1=-2, axis2=-1)
+    diagonal = (ridge + 1e-6 * scale) * mask + (1.0 - mask)
     gram = gram + ops.expand_dims(diagonal, -1) * ops.eye(size, dtype=gram.dtype)
-    rhs = ops.einsum("gni,gn->gi", masked, h * w_old - g)
-    return ops.squeeze(ops.solve(gram, ops.expand_dims(rhs, -1)), -1) * mask
+    rhs = ops.matmul(ops.transpose(masked, (0, 2, 1)), ops.expand_dims(h * w_old - g, -1))
+    return ops.squeeze(ops.solve(gram, rhs), -1) * mask
 
 
 def make_positive(bases, coordinates, *moments):
     """Flip every negative ``α_i`` with its basis ``β_i`` (and α-domain first moments)."""
     sign = ops.where(coordinates < 0, -1.0, 1.0)
     flipped = tuple(m * sign for m in moments)
-    return (bases * ops.expand_dims(sign, 1), coordinates * sign) + flipped
+    return (bases * ops.expand_dims(ops.cast(sign, bases.dtype), 1), coordinates * sign) + flipped
 
 
-def bases_step(bases, coordinates, mask, g, h, ridge=1e-6):
-    """Alg. 3 for one step: target ``ŵ − g/H``, nearest bases, Eq. 23 refit, sign fix."""
+def bases_step(bases, coordinates, mask, g, h, ridge=1e-6, moments=(), search="sorted"):
+    """Alg. 3 for one step: target ``ŵ − g/H``, nearest bases, Eq. 23 refit, sign fix.
+
+    α-domain first ``moments`` passed in are flipped with their α (so ``m_α``
+    keeps pointing along the basis it belongs to).
+    """
     w_old = decode(bases, coordinates, mask)
-    new_bases = nearest_bases(w_old - g / h, bases, coordinates, mask)
+    new_bases = nearest_bases(w_old - g / h, bases, coordinates, mask, search)
     new_coordinates = refit_coordinates(new_bases, mask, g, h, w_old, ridge)
-    return make_positive(new_bases, new_coordinates)
+    return make_positive(new_bases, new_coordinates, *moments)
 
 
 def quadratic_model(w_new, w_old, g, h):

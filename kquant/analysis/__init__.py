@@ -22,12 +22,13 @@ from kquant.analysis.equivalence import (
     lr_factor,
     weight_map,
 )
-from kquant.analysis.twin import ScaledSchedule, is_adaptive, scale_learning_rate, to_ste
+from kquant.analysis.twin import ScaledEstimator, ScaledSchedule, is_adaptive, scale_learning_rate, to_ste
 
 __all__ = [
     "AlignmentRecorder",
     "Equivalence",
     "NotEquivalentError",
+    "ScaledEstimator",
     "ScaledSchedule",
     "alignment_error",
     "equivalence",

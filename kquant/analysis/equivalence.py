@@ -56,13 +56,19 @@ class NotEquivalentError(ValueError):
     """The estimator or quantizer is outside the assumptions of the STE-equivalence theorem."""
 
 
-def _derivative_fn(estimator: ElementwiseEstimator) -> Callable[[np.ndarray], np.ndarray]:
-    """``F'`` as a NumPy function, evaluated in float32 (the training precision)."""
+def _derivative_fn(estimator: ElementwiseEstimator, staircase=None) -> Callable[[np.ndarray], np.ndarray]:
+    """``F'`` as a NumPy function, evaluated in float32 (the training precision).
+
+    Estimators whose tail depends on the staircase (MAD's ``c/|x|``) get it.
+    """
+    import inspect
+
+    takes_staircase = "staircase" in inspect.signature(estimator.derivative).parameters
 
     def fn(s):
-        s = np.asarray(s, dtype="float32")
-        return np.asarray(ops.convert_to_numpy(estimator.derivative(ops.convert_to_tensor(s))),
-                          dtype="float64")
+        s = ops.convert_to_tensor(np.asarray(s, dtype="float32"))
+        d = estimator.derivative(s, staircase) if takes_staircase else estimator.derivative(s)
+        return np.asarray(ops.convert_to_numpy(d), dtype="float64")
 
     return fn
 
@@ -320,10 +326,10 @@ def _estimator_key(estimator):
 def _tabulate(estimator, staircase, nodes):
     """``(s, G(s), α, cutoffs, F')``; cached for stateless estimators (it does not depend on Δ)."""
     est_key = _estimator_key(estimator)
-    key = (est_key, staircase.binary, staircase.width, nodes)
+    key = (est_key, staircase.binary, staircase.lo, staircase.hi, nodes)
     if est_key is not None and key in _TABLES:
         return _TABLES[key]
-    fprime = _derivative_fn(estimator)
+    fprime = _derivative_fn(estimator, staircase)
     s = np.linspace(-1.0, 1.0, nodes)
     s[nodes // 2] = 0.0
     fp = fprime(s)

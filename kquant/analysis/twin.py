@@ -3,9 +3,18 @@
 "Custom gradient estimators are straight-through estimators in disguise",
 Tables 1 and 2: for SGD (with or without momentum) the twin uses the STE
 (or a PWL estimator with range ``[M(w_min), M(w_max)]`` where Q̂ vanishes
-outside a range), learning rate ``α·η`` and initial weights ``M(w₀)``; for
-adaptive optimizers (Adam and kin) the twin uses the STE (or PWL with the
-original range) with the same learning rate and the same weights.
+outside a range), learning rate ``α·η`` *on the quantized kernels* and
+initial weights ``M(w₀)``; for adaptive optimizers (Adam and kin) the twin
+uses the STE (or PWL with the original range) with the same learning rate and
+the same weights.
+
+Keras optimizers have one learning rate for every variable, so the kernels'
+``α·η`` is carried by the twin's estimator instead: :class:`ScaledEstimator`
+returns ``α·g_z``, and the optimizer keeps ``η``. An SGD step (with momentum)
+is linear in the gradient, so this is exactly lr ``α·η`` on the kernels and
+``η`` on biases, batch-norm and float layers, which the theorem does not
+touch (scaling every variable's lr, as a single optimizer lr would, changes
+the training of those). Weight decay, if any, is not scaled.
 
 Only kernel quantizers are switched; input (activation) quantizers are left
 as they are, since the theorems cover weight quantizers only.
@@ -84,7 +93,7 @@ class STETwin:
 
     model: keras.Model
     optimizer: keras.optimizers.Optimizer
-    alpha: float                               # the learning-rate factor applied (1 if adaptive)
+    alpha: float          # the kernels' lr factor (1 if adaptive; NaN if layers differ)
     adaptive: bool
     equivalences: dict[str, Equivalence]      # layer name -> α and M of its kernel quantizer
 
@@ -101,9 +110,36 @@ def _check_hard_forward(estimator: Estimator, layer_name):
         )
 
 
+@keras.saving.register_keras_serializable(package="kquant")
+class ScaledEstimator(Estimator):
+    """``g_z = scale · inner(g_q)``: the SGD twin's kernels-only learning-rate factor α."""
+
+    def __init__(self, inner="ste", scale=1.0, **kwargs):
+        super().__init__(**kwargs)
+        self.inner = estimators.get(inner)
+        scale = float(scale)
+        if not (scale > 0 and np.isfinite(scale)):
+            raise ValueError(f"`scale` must be a positive finite float, got {scale}.")
+        self.scale = scale
+
+    def build(self, input_shape=None):
+        if not self.inner.built:
+            self.inner.build(input_shape)
+        self.built = True
+
+    def context(self, z, q, staircase, x=None, training=None):
+        return self.inner.context(z, q, staircase, x=x, training=training)
+
+    def gradient(self, upstream, ctx):
+        return self.scale * self.inner.gradient(upstream, ctx)
+
+    def get_config(self):
+        return {"inner": estimators.serialize(self.inner), "scale": self.scale}
+
+
 def _twin_estimator(eq: Equivalence, adaptive: bool):
     if not adaptive:
-        return eq.twin_estimator()
+        return ScaledEstimator(eq.twin_estimator(), scale=eq.alpha)
     lo, hi = eq.lower_cutoff, eq.upper_cutoff
     if lo is None and hi is None:
         return estimators.get("ste")
@@ -118,12 +154,12 @@ def _twin_estimator(eq: Equivalence, adaptive: bool):
 def to_ste(model, optimizer, adaptive=None) -> STETwin:
     """The STE twin of ``model`` trained with ``optimizer``, ready to compile and train.
 
-    SGD-type: kernels mapped by M, estimator → STE/PWL, learning rate × α
-    (a schedule is wrapped in :class:`ScaledSchedule`). Adam-type
+    SGD-type: kernels mapped by M, estimator → STE/PWL with its gradient × α
+    (:class:`ScaledEstimator`: lr ``α·η`` on the kernels only; the optimizer
+    keeps ``η`` for every other variable). Adam-type
     (``adaptive=True``, detected by :func:`is_adaptive`): weights and
     learning rate unchanged, estimator → STE/PWL. The twin's optimizer is a
-    fresh copy of ``optimizer``'s config (no state). Every quantized layer of
-    an SGD-type twin must share one α, since one learning rate carries it.
+    fresh copy of ``optimizer``'s config (no state).
     """
     if not isinstance(model, keras.Model):
         raise TypeError(f"`model` must be a keras.Model, got {type(model).__name__}.")
@@ -145,14 +181,9 @@ def to_ste(model, optimizer, adaptive=None) -> STETwin:
         plans[layer.name] = (eq, _twin_estimator(eq, adaptive))
     alphas = {name: eq.alpha for name, (eq, _) in plans.items()}
     alpha = 1.0
-    if not adaptive:
+    if not adaptive:  # per layer in its estimator; reported as one number when they agree
         values = np.array(list(alphas.values()))
-        if np.ptp(values) > 1e-6 * values.max():
-            raise NotEquivalentError(
-                f"Quantized layers have different α ({alphas}); one SGD learning rate cannot "
-                "carry them. Use one estimator setting for all layers."
-            )
-        alpha = float(values.mean())
+        alpha = float(values.mean()) if np.ptp(values) <= 1e-6 * values.max() else float("nan")
 
     def clone(layer):
         config = layer.get_config()
@@ -167,7 +198,7 @@ def to_ste(model, optimizer, adaptive=None) -> STETwin:
     _copy_weights(model, twin, plans, adaptive)
     return STETwin(
         model=twin,
-        optimizer=scale_learning_rate(optimizer, alpha),
+        optimizer=scale_learning_rate(optimizer, 1.0),
         alpha=alpha,
         adaptive=adaptive,
         equivalences={name: eq for name, (eq, _) in plans.items()},

@@ -14,8 +14,16 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from kquant.benchmarks import common
-from kquant.benchmarks.common import BenchConfig, MissingPlugin, Result  # noqa: F401
+# ``common`` imports Keras and a backend: loaded on first use, so that listing
+# the benchmarks (``kquant bench --list``) stays instant.
+_COMMON_NAMES = ("BenchConfig", "MissingPlugin", "Result")
+
+
+def __getattr__(name):
+    if name == "common" or name in _COMMON_NAMES:
+        common = importlib.import_module("kquant.benchmarks.common")
+        return common if name == "common" else getattr(common, name)
+    raise AttributeError(f"module 'kquant.benchmarks' has no attribute {name!r}")
 
 NOT_BENCHMARKS = {"common"}
 
@@ -40,6 +48,7 @@ def load(name: str):
 
 def is_missing_plugin(error: BaseException) -> bool:
     """Whether ``error`` means "a plugin this benchmark needs is not installed"."""
+    from kquant.benchmarks.common import MissingPlugin
     from kquant.registry import UnknownNameError
 
     return isinstance(error, (MissingPlugin, UnknownNameError, ModuleNotFoundError))
@@ -50,6 +59,8 @@ def run_benchmark(name: str, cfg: BenchConfig, command: str | None = None):
 
     Returns ``(result, folder)``.
     """
+    from kquant.benchmarks import common
+
     module = load(name)
     common.set_seed(cfg.seed)
     with common.strategy_scope(cfg):

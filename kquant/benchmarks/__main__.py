@@ -58,12 +58,12 @@ def main(names, dataset, data_dir, epochs, batch_size, strategy, quick, tiny, se
     """Run the benchmark(s) NAME (a module of kquant.benchmarks, or `all`) and write
     results.json, results.md and plot.png under OUT_DIR/NAME/."""
     import kquant.benchmarks as benchmarks
-    from kquant.benchmarks import common
 
     available = benchmarks.names()
     if list_only:
         click.echo("\n".join(available))
         return
+    from kquant.benchmarks import common  # imports Keras and the backend
     if not names:
         raise click.UsageError(
             f"Missing argument NAME: one or more of {', '.join(available)}, or all (--list shows them).")
@@ -77,6 +77,10 @@ def main(names, dataset, data_dir, epochs, batch_size, strategy, quick, tiny, se
         common.check_strategy(strategy)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="'--strategy'") from None
+    try:
+        common.check_out_dir(out_dir)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="'--out-dir'") from None
     cfg = common.BenchConfig(
         dataset=dataset, data_dir=data_dir, epochs=epochs, batch_size=batch_size, quick=quick,
         tiny=tiny, seed=seed, strategy=strategy, out_dir=out_dir, max_train=max_train,

@@ -1,8 +1,9 @@
 """Shared harness of the benchmark suite: config, data, timing, result files.
 
-Each benchmark is a module ``benchmarks/<name>.py`` exposing
-``run(cfg: BenchConfig) -> Result``; the harness (``python -m benchmarks NAME``
-or ``kquant bench NAME``) writes ``results.json``, ``results.md`` and, when the
+Each benchmark is a module ``kquant/benchmarks/<name>.py`` exposing
+``run(cfg: BenchConfig) -> Result``; the harness (``kquant bench NAME``,
+``python -m kquant.benchmarks NAME``, or ``python -m benchmarks NAME`` from
+the repository root) writes ``results.json``, ``results.md`` and, when the
 result has a plot, ``plot.png`` under ``<out_dir>/<name>/``.
 
 Distribution is one seam, :func:`strategy_scope`: ``tf.distribute``
@@ -172,10 +173,37 @@ def write_result(result: Result, cfg: BenchConfig, command: str | None = None):
     md.append(markdown_table(result.rows, result.columns))
     (folder / "results.md").write_text("\n".join(md))
     if result.plot is not None:
-        import matplotlib
+        try:
+            import matplotlib
+        except ImportError:
+            # the numbers are written; say plainly that the figure is not
+            why = "plot.png not drawn: matplotlib is not installed (pip install 'kquant[plots]')."
+            with open(folder / "results.md", "a") as f:
+                f.write(f"\n{why}\n")
+            import warnings
 
+            warnings.warn(f"{result.name}: {why}", stacklevel=2)
+            return folder
         matplotlib.use("Agg")
         result.plot(folder / "plot.png")
+    return folder
+
+
+def check_out_dir(out_dir) -> pathlib.Path:
+    """Create ``out_dir`` and check it is writable *before* a benchmark runs.
+
+    Raises ``ValueError`` naming ``out_dir`` (``--out-dir``), so no result is
+    lost after hours of training.
+    """
+    folder = pathlib.Path(out_dir)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"`out_dir` (--out-dir) {str(out_dir)!r} is a file, not a folder.")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"`out_dir` (--out-dir) {str(out_dir)!r} cannot be created: {e}") from e
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"`out_dir` (--out-dir) {str(out_dir)!r} is not writable.")
     return folder
 
 

@@ -112,8 +112,9 @@ def _training_recipe(model, cfg, x, y):
         every = int(cfg.option("ewgs_every", 10))
         samples = 2 if cfg.tiny else 8
         update = DeltaUpdate(x, y, every=every, batch_size=min(64, len(x)), samples=samples,
-                             seed=cfg.seed)
-        return model, [update], f"fit + DeltaUpdate every {every} steps ({samples} probes)"
+                             num_batches=1, tol=0.0, seed=cfg.seed)
+        return model, [update], (f"fit + DeltaUpdate every {every} steps ({samples} probes "
+                                 "per quantizer, 1 batch)")
     if any(hasattr(e, "set_progress") for e in found):
         return model, [], "fit + schedule by epoch"
     return model, [], "fit"

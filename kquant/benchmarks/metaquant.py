@@ -13,7 +13,8 @@ iteration over DoReFa+STE on ResNet).
 
 Options (``-o KEY=VALUE``): ``model`` (default ``small_convnet``),
 ``quantizers`` (``dorefa,bwn``), ``optimizers`` (``sgd,adam``), ``variants``
-(``fcgrad,multifc,lstmfc``), ``bits`` (1), ``hidden`` (100), ``lr`` (1e-3),
+(``fcgrad,multifc,multifc_bias,lstmfc``; ``multifc_bias`` is MultiFC with FC
+biases, ``use_bias=True``), ``bits`` (1), ``hidden`` (100), ``lr`` (1e-3),
 ``meta_lr`` (1e-3), ``timing_steps``. The tiny scale runs DoReFa × Adam with
 STE and MultiFC (hidden 16) for one epoch on 256 digits.
 """
@@ -34,8 +35,24 @@ from kquant.benchmarks.common import (
     timing_steps,
 )
 
-COLUMNS = ["quantizer", "optimizer", "variant", "test_acc", "train_loss", "acc_vs_ste",
-           "step_ms", "time_vs_ste"]
+COLUMNS = ["quantizer", "optimizer", "variant", "meta_network", "test_acc", "train_loss",
+           "acc_vs_ste", "step_ms", "time_vs_ste"]
+
+#: variant -> (estimator name, extra estimator config); ``multifc_bias`` is our fix of the
+#: paper's bias-free MultiFC, which cannot descend on signed W̃ (BWN).
+VARIANTS = {"fcgrad": ("fcgrad", {}), "multifc": ("multifc", {}),
+            "multifc_bias": ("multifc", {"use_bias": True}), "lstmfc": ("lstmfc", {})}
+
+
+def describe(model):
+    """What a row actually trained: the estimator and meta network of ``model``."""
+    net = getattr(model, "meta_network", None)
+    if net is None:
+        names = {type(q.kernel_quantizer.estimator).__name__ for q in model._flatten_layers()
+                 if getattr(q, "kernel_quantizer", None) is not None}
+        return "+".join(sorted(names))
+    return (f"{type(net).__name__}(hidden={net.hidden}, layers={net.num_layers}, "
+            f"use_bias={net.use_bias})")
 
 
 def _list(value):
@@ -61,7 +78,11 @@ def _quantizer(name, bits, estimator):
 def _variant_model(float_model, qname, bits, variant, hidden, meta_lr):
     import kquant_metaquant
 
-    estimator = "ste" if variant == "ste" else {"name": variant, "config": {"hidden": hidden}}
+    if variant == "ste":
+        estimator = "ste"
+    else:
+        name, extra = VARIANTS[variant]
+        estimator = {"name": name, "config": {"hidden": hidden, **extra}}
     model = kquant.quantize_model(float_model, kernel_quantizer=_quantizer(qname, bits, estimator))
     if variant == "ste":
         return model
@@ -70,19 +91,16 @@ def _variant_model(float_model, qname, bits, variant, hidden, meta_lr):
 
 def run(cfg):
     require("fcgrad", "multifc", "lstmfc", modules=("kquant_metaquant",))
-    if cfg.strategy != "default":
-        raise ValueError("metaquant: `strategy` must be 'default' (MetaQuant's train step "
-                         "updates the optimizer in place, which tf.distribute does not allow).")
     data = load_data(cfg)
     (x, y), (xt, yt) = data
     tiny = cfg.tiny
     model_name = cfg.option("model", "small_convnet")
     quantizers = _list(cfg.option("quantizers", "dorefa" if tiny else "dorefa,bwn"))
     optimizers = _list(cfg.option("optimizers", "adam" if tiny else "sgd,adam"))
-    variants = _list(cfg.option("variants", "multifc" if tiny else "fcgrad,multifc,lstmfc"))
-    unknown = [v for v in variants if v not in ("fcgrad", "multifc", "lstmfc")]
+    variants = _list(cfg.option("variants", "multifc" if tiny else "fcgrad,multifc,multifc_bias,lstmfc"))
+    unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
-        raise ValueError(f"metaquant: option `variants` takes fcgrad, multifc, lstmfc; got {unknown}.")
+        raise ValueError(f"metaquant: option `variants` takes {', '.join(VARIANTS)}; got {unknown}.")
     bits = int(cfg.option("bits", 1))
     hidden = int(cfg.option("hidden", 16 if tiny else 100))
     lr = float(cfg.option("lr", 1e-3))
@@ -111,7 +129,8 @@ def run(cfg):
             for variant in models:
                 rows.append({
                     "quantizer": qname if qname == "bwn" else f"dorefa{bits}",
-                    "optimizer": opt, "variant": variant, **metrics[variant],
+                    "optimizer": opt, "variant": variant, "meta_network": describe(models[variant]),
+                    **metrics[variant],
                     "acc_vs_ste": metrics[variant]["test_acc"] - metrics["ste"]["test_acc"],
                     "step_ms": 1e3 * times[variant],
                     "time_vs_ste": times[variant] / times["ste"],

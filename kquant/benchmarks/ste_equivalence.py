@@ -7,7 +7,8 @@ cosine learning rate with 2 % linear warm-up. Nets trained on the same
 batches in lockstep (:func:`kquant.analysis.fit_in_lockstep`):
 
 * SGD (momentum 0.9, lr 1e-3): Q̂ net; its STE twin (:func:`kquant.analysis.to_ste`:
-  weights M(w₀), lr α·η); Q̂ net with lr +1 % ("lr-tweak"); STE net with
+  weights M(w₀), lr α·η on the quantized kernels only, η on biases); Q̂ net
+  with lr +1 % ("lr-tweak"); STE net with
   the Q̂ net's weights and lr ("unadjusted").
 * Adam (β = 0.9, 0.95, lr 1e-4): Q̂ net; STE twin (same weights and lr); lr-tweak.
 

@@ -117,7 +117,14 @@ class ElementwiseEstimator(Estimator):
         raise NotImplementedError(f"{type(self).__name__} has no closed-form surrogate")
 
     def context(self, z, q, staircase, x=None, training=None):
-        return {"derivative": self.derivative(staircase.distance(z))}
+        if self.variables:  # F' reads state: evaluate it in the forward pass (see module doc)
+            return {"derivative": self.derivative(staircase.distance(z))}
+        # stateless F': keep only z and recompute s and F'(s) in the backward pass, where
+        # it fuses with the product (one elementwise pass, no saved derivative tensor)
+        return {"z": z, "staircase": staircase}
 
     def gradient(self, upstream, ctx):
-        return upstream * ops.cast(ctx["derivative"], upstream.dtype)
+        derivative = ctx.get("derivative")
+        if derivative is None:
+            derivative = self.derivative(ctx["staircase"].distance(ctx["z"]))
+        return upstream * ops.cast(derivative, upstream.dtype)

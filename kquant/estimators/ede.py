@@ -11,6 +11,7 @@ training progress ``p ∈ [0, 1]``. The defaults give ``t = 10^(−3 + 4p)``.
 from keras import ops
 
 from kquant.estimators.base import ElementwiseEstimator
+from kquant.validation import check_number
 
 
 def ede_schedule(progress, t_min=1e-3, t_max=10.0):
@@ -25,8 +26,9 @@ class EDE(ElementwiseEstimator):
 
     def __init__(self, t_min=1e-3, t_max=10.0, **kwargs):
         super().__init__(**kwargs)
-        t_min, t_max = float(t_min), float(t_max)
-        if not 0 < t_min < t_max:
+        t_min = check_number(t_min, "t_min", gt=0)
+        t_max = check_number(t_max, "t_max", gt=0)
+        if not t_min < t_max:
             raise ValueError(f"EDE: need 0 < `t_min` < `t_max`, got t_min={t_min}, t_max={t_max}.")
         self.t_min, self.t_max = t_min, t_max
 

@@ -14,6 +14,7 @@ training, with α ∈ (0, 1) learned (initial 0.2).
 from keras import ops
 
 from kquant.estimators.base import ElementwiseEstimator
+from kquant.validation import check_bool, check_number
 
 
 class HTGE(ElementwiseEstimator):
@@ -21,10 +22,7 @@ class HTGE(ElementwiseEstimator):
 
     def __init__(self, t=5.0, **kwargs):
         super().__init__(**kwargs)
-        t = float(t)
-        if not t > 0:
-            raise ValueError(f"HTGE: sharpness `t` must be > 0, got {t}.")
-        self.t = t
+        self.t = check_number(t, "t", gt=0)
 
     def derivative(self, s):
         th = ops.tanh(self.t * s / 2.0)
@@ -43,12 +41,9 @@ class DSQ(ElementwiseEstimator):
 
     def __init__(self, alpha=0.2, learn_alpha=True, soft_forward=True, **kwargs):
         super().__init__(**kwargs)
-        alpha = float(alpha)
-        if not 0.0 < alpha < 1.0:
-            raise ValueError(f"DSQ: `alpha` must be in (0, 1), got {alpha}.")
-        self.alpha_init = alpha
-        self.learn_alpha = bool(learn_alpha)
-        self.soft_forward = bool(soft_forward)
+        self.alpha_init = check_number(alpha, "alpha", gt=0, lt=1)
+        self.learn_alpha = check_bool(learn_alpha, "learn_alpha")
+        self.soft_forward = check_bool(soft_forward, "soft_forward")
 
     def build(self, input_shape=None):
         self.alpha = self.add_weight(

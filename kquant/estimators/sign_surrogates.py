@@ -3,6 +3,7 @@
 from keras import ops
 
 from kquant.estimators.base import ElementwiseEstimator
+from kquant.validation import check_number
 
 
 class ApproxSign(ElementwiseEstimator):
@@ -24,10 +25,7 @@ class SwishSign(ElementwiseEstimator):
 
     def __init__(self, beta=5.0, **kwargs):
         super().__init__(**kwargs)
-        beta = float(beta)
-        if not beta > 0:
-            raise ValueError(f"SwishSign: `beta` must be > 0, got {beta}.")
-        self.beta = beta
+        self.beta = check_number(beta, "beta", gt=0)
 
     def derivative(self, s):
         bs = self.beta * s

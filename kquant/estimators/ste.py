@@ -3,6 +3,7 @@
 from keras import ops
 
 from kquant.estimators.base import ElementwiseEstimator
+from kquant.validation import check_number
 
 
 class STE(ElementwiseEstimator):
@@ -10,6 +11,12 @@ class STE(ElementwiseEstimator):
 
     def derivative(self, s):
         return ops.ones_like(s)
+
+    def context(self, z, q, staircase, x=None, training=None):
+        return {}
+
+    def gradient(self, upstream, ctx):  # F' = 1: the upstream gradient itself, no pass
+        return upstream
 
     def surrogate(self, s):
         return s
@@ -20,10 +27,7 @@ class ClippedSTE(ElementwiseEstimator):
 
     def __init__(self, clip=1.0, **kwargs):
         super().__init__(**kwargs)
-        clip = float(clip)
-        if not clip > 0:
-            raise ValueError(f"ClippedSTE: `clip` must be > 0, got {clip}.")
-        self.clip = clip
+        self.clip = check_number(clip, "clip", gt=0)
 
     def derivative(self, s):
         return ops.cast(ops.abs(s) <= self.clip, s.dtype)

@@ -26,7 +26,8 @@ class SkipNonFinite(keras.optimizers.LossScaleOptimizer):
     """Wraps ``inner_optimizer``; a step with any NaN/inf gradient is skipped.
 
     Args:
-        inner_optimizer: the optimizer doing the real update (Adam, SGD, ...).
+        inner_optimizer: the optimizer doing the real update (Adam, SGD, ...), or
+            its name / config for :func:`kquant.optimizers.get`.
         name: optional name.
 
     ``skipped_steps`` is the number of skipped steps so far; the
@@ -35,6 +36,10 @@ class SkipNonFinite(keras.optimizers.LossScaleOptimizer):
     """
 
     def __init__(self, inner_optimizer, name=None, **kwargs):
+        if isinstance(inner_optimizer, (str, dict)):  # a name or config (kquant.optimizers.get)
+            from kquant.optimizers import get
+
+            inner_optimizer = get(inner_optimizer)
         if not isinstance(inner_optimizer, keras.optimizers.Optimizer):
             raise TypeError(
                 "SkipNonFinite: `inner_optimizer` must be a keras.optimizers.Optimizer, "

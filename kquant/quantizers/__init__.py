@@ -6,7 +6,10 @@ import keras
 
 from kquant.quantizers.base import Quantizer, check_bits
 from kquant.quantizers.dorefa import DoReFa
+from kquant.quantizers.pact import PACT
 from kquant.quantizers.sign import BWN, Sign
+from kquant.quantizers.stochastic import StochasticSign
+from kquant.quantizers.ternary import TWN, BitNet
 from kquant.quantizers.uniform import Uniform
 from kquant.registry import Registry
 
@@ -58,5 +61,5 @@ def quantizer(name: str, **kwargs) -> Quantizer:
     return get(name, **kwargs)
 
 
-__all__ = ["BWN", "DoReFa", "Quantizer", "Sign", "Uniform", "available", "check_bits",
-           "get", "quantizer", "registry", "serialize"]
+__all__ = ["BWN", "PACT", "TWN", "BitNet", "DoReFa", "Quantizer", "Sign", "StochasticSign",
+           "Uniform", "available", "check_bits", "get", "quantizer", "registry", "serialize"]

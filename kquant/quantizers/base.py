@@ -6,6 +6,16 @@ A quantizer is a small Keras layer carrying its ``precision`` (bits), so it
 owns variables (learnable steps, estimator state) that save with the model,
 and it can :meth:`encode` its output into integer codes plus a few floats
 that :meth:`decode` turns back into exactly the same values.
+
+Mixed precision (``mixed_float16``, ``mixed_bfloat16``): a quantizer computes
+its staircase and levels in float32 whatever the policy (its input is upcast,
+a latent kernel is read in float32, its variables are never autocast), and
+casts the result to the compute dtype of the layer using it only when that
+cast keeps the ``2^bits`` levels distinct: ``bits ≤ 11`` in float16 (11
+significant bits), ``bits ≤ 8`` in bfloat16 (8). Wider quantizers return
+float32 (e.g. 16-bit DoReFa, whose ``65535·w`` also overflows float16), and
+Keras' ops promote the layer's product to float32. :meth:`decode` applies the
+same cast, so deployed values equal the trained ones.
 """
 
 from __future__ import annotations
@@ -15,6 +25,25 @@ import numpy as np
 from keras import ops
 
 from kquant import estimators
+
+#: Significant bits of a float dtype: up to this many bits, the ``2^bits``
+#: integer levels of a quantizer stay distinct after a cast to it.
+SIGNIFICANT_BITS = {"float16": 11, "bfloat16": 8, "float32": 24, "float64": 53}
+
+
+def _autocast_seam():
+    """Keras' autocast scope (private API, one seam): ``(AutocastScope, get_autocast_scope)``."""
+    from keras.src.backend import AutocastScope, get_autocast_scope
+
+    return AutocastScope, get_autocast_scope
+
+
+def exact_dtype(precision: int, dtype) -> str:
+    """``dtype`` if ``2^precision`` levels survive a cast to it, else ``"float32"``."""
+    dtype = keras.backend.standardize_dtype(dtype)
+    if not keras.backend.is_float_dtype(dtype):
+        return "float32"
+    return dtype if int(precision) <= SIGNIFICANT_BITS.get(dtype, 24) else "float32"
 
 
 def check_bits(bits, argument="bits", low=1, high=16) -> int:
@@ -32,8 +61,10 @@ class Quantizer(keras.layers.Layer):
     default_estimator = "ste"
 
     def __init__(self, estimator=None, **kwargs):
+        kwargs.setdefault("autocast", False)  # levels and variables in float32 (mixed precision)
         super().__init__(**kwargs)
         self.estimator = estimators.get(estimator if estimator is not None else self.default_estimator)
+        self._target_dtype = None
 
     # -- what subclasses define ----------------------------------------------
     @property
@@ -62,10 +93,31 @@ class Quantizer(keras.layers.Layer):
             self.estimator.build(input_shape)
         self.built = True
 
+    def output_dtype(self, compute_dtype=None) -> str:
+        """The dtype of the quantized output for a layer computing in ``compute_dtype``
+        (default: this quantizer's policy): that dtype when exact for the level set."""
+        return exact_dtype(self.precision, compute_dtype or self.compute_dtype)
+
+    def __call__(self, x, *args, **kwargs):
+        autocast_scope, get_scope = _autocast_seam()
+        scope = get_scope()  # the calling layer's compute dtype, if it autocasts
+        self._target_dtype = scope.dtype if scope is not None else None
+        if isinstance(x, keras.Variable):  # a latent kernel: read it in float32, not autocast
+            with autocast_scope(None):
+                x = ops.convert_to_tensor(x)
+        return super().__call__(x, *args, **kwargs)
+
     def call(self, x, training=None):
-        z, params = self.pre(x, training=training)
-        q = self.estimator.step(z, self.staircase, x=x, training=training)
-        return self.post(q, params)
+        autocast_scope, _ = _autocast_seam()
+        out_dtype = self.output_dtype(self._target_dtype)
+        with autocast_scope(None):  # estimator variables too are read in float32
+            x = ops.convert_to_tensor(x)
+            if keras.backend.standardize_dtype(x.dtype) != "float32":
+                x = ops.cast(x, "float32")
+            z, params = self.pre(x, training=training)
+            q = self.estimator.step(z, self.staircase, x=x, training=training)
+            y = self.post(q, params)
+        return y if out_dtype == "float32" else ops.cast(y, out_dtype)
 
     def compute_output_shape(self, input_shape):
         return input_shape
@@ -73,17 +125,20 @@ class Quantizer(keras.layers.Layer):
     # -- deployment ----------------------------------------------------------
     def encode(self, x):
         """Inference-time ``(codes, params)``: level indices ``0..2^bits−1`` and floats."""
-        x = ops.convert_to_tensor(x)
+        x = ops.cast(ops.convert_to_tensor(x), "float32")
         z, params = self.pre(x, training=False)
         codes = self.staircase.to_level_index(self.staircase.hard(z))
         return ops.convert_to_numpy(codes), {k: ops.convert_to_numpy(v) for k, v in params.items()}
 
-    def decode(self, codes, params):
-        """The exact quantized values for ``encode``'s output."""
+    def decode(self, codes, params, compute_dtype=None):
+        """The exact quantized values for ``encode``'s output, in :meth:`output_dtype`
+        of ``compute_dtype`` (default: this quantizer's policy), as ``call`` gives them."""
         st = self.staircase
         codes = ops.convert_to_tensor(np.asarray(codes), "float32")
         q = 2.0 * codes - 1.0 if st.binary else codes + st.lo
-        return self.post(q, {k: ops.convert_to_tensor(v) for k, v in params.items()})
+        y = self.post(q, {k: ops.convert_to_tensor(v) for k, v in params.items()})
+        out_dtype = self.output_dtype(compute_dtype)
+        return y if out_dtype == "float32" else ops.cast(y, out_dtype)
 
     # -- serialization ---------------------------------------------------------
     def get_config(self):

@@ -2,13 +2,15 @@
 
 * sign: ``Q(x) = +1 if x ≥ 0 else −1`` (Courbariaux et al. 2016).
 * BWN (Rastegari et al. 2016, XNOR-Net): ``Q(W) = mean(|W|)·sign(W)``, the
-  mean over the whole tensor or per output channel (last axis), treated as a
+  mean over the whole tensor or per output channel (``channel_axes``, set by
+  the layer from its kernel layout; default the last axis), treated as a
   constant in the backward pass (as in Larq's MagnitudeAwareSign and
   MetaQuant's code).
 """
 
 from keras import ops
 
+from kquant.quantizers import channels
 from kquant.quantizers.base import Quantizer
 from kquant.staircase import Staircase
 
@@ -40,9 +42,12 @@ class BWN(Quantizer):
 
     default_estimator = "clipped_ste"
 
-    def __init__(self, per_channel=False, estimator=None, **kwargs):
+    def __init__(self, per_channel=False, channel_axes=None, estimator=None, **kwargs):
         super().__init__(estimator=estimator, **kwargs)
         self.per_channel = bool(per_channel)
+        self.channel_axes = channels.check_channel_axes(channel_axes)
+        if self.channel_axes is not None and not self.per_channel:
+            raise ValueError("BWN: `channel_axes` applies only with `per_channel=True`.")
 
     @property
     def precision(self):
@@ -53,7 +58,7 @@ class BWN(Quantizer):
         return _SIGN
 
     def pre(self, x, training=None):
-        axes = tuple(range(len(x.shape) - 1)) if self.per_channel else None
+        axes = channels.reduced_axes(len(x.shape), self.channel_axes) if self.per_channel else None
         scale = ops.mean(ops.abs(x), axis=axes, keepdims=True)
         return x, {"scale": ops.stop_gradient(scale)}
 
@@ -61,7 +66,10 @@ class BWN(Quantizer):
         return q * params["scale"]
 
     def extra_bits(self, shape):
-        return 32 * (int(shape[-1]) if self.per_channel else 1)
+        return 32 * (channels.channel_count(shape, self.channel_axes) if self.per_channel else 1)
 
     def get_config(self):
-        return {**super().get_config(), "per_channel": self.per_channel}
+        config = {**super().get_config(), "per_channel": self.per_channel}
+        if self.channel_axes is not None:  # absent: configs saved before it existed still load
+            config["channel_axes"] = list(self.channel_axes)
+        return config

@@ -7,36 +7,53 @@ e.g. DoReFa activations with ``step=1/(2^b−1)``).
 
 ``step`` a float: fixed Δ. ``step=None``: Δ learned (per tensor, or per output
 channel with ``per_channel=True``); gradients reach Δ through ``Δ·step(x/Δ)``
-as in LSQ (Esser et al. 2020). It is initialised from the first batch it sees,
-``Δ₀ = 2·mean|x|/√u``, stored as ``Δ = Δ₀·|c|`` with ``c`` trainable (1 at
-start) so the data-driven part lives in a non-trainable variable.
+as in LSQ (Esser et al. 2020). It is initialised in-graph from the first
+finite *training* batch, ``Δ₀ = 2·mean|x|/√Q_P`` (``Q_P = u``, the largest
+positive level), the mean taken over the global batch on every replica
+(:func:`kquant.distribute.global_mean`); inference calls, NaN/inf batches and
+all-zero batches never initialise it (until then Δ₀ is that batch's
+estimate, not stored); per channel, a channel that is all zero takes the mean
+over channels. It is stored as ``Δ = Δ₀·|c|`` with ``c`` trainable
+(1 at start), so the data-driven part lives in a non-trainable variable.
+
+LSQ gradient scale (``lsq_grad_scale=True``, Esser et al. 2020, §2.2): the
+step's gradient is multiplied by ``g = 1/√(N·Q_P)``, ``N`` the number of
+values sharing one step (the kernel's size, or one example's features for
+activations; per channel: divided by the number of channels). The forward
+value is unchanged (``c`` enters as ``sg(c) + (g·c − sg(g·c))``).
 """
 
 import math
 
 from keras import ops
 
+from kquant import distribute
+from kquant.quantizers import channels
 from kquant.quantizers.base import Quantizer, check_bits
 from kquant.staircase import Staircase
+from kquant.validation import check_bool, check_number
 
 
 class Uniform(Quantizer):
     """Uniform k-bit: Δ·round(clip(x/Δ, l, u)), symmetric or asymmetric, fixed or learnable Δ."""
 
     def __init__(self, bits=8, symmetric=True, step=None, per_channel=False,
-                 offset=0.0, estimator=None, **kwargs):
+                 offset=0.0, channel_axes=None, lsq_grad_scale=True, estimator=None, **kwargs):
         super().__init__(estimator=estimator, **kwargs)
+        self.lsq_grad_scale = check_bool(lsq_grad_scale, "lsq_grad_scale")
         self.bits = check_bits(bits, "bits", 1, 16)
-        self.symmetric = bool(symmetric)
+        self.symmetric = check_bool(symmetric, "symmetric")
         if step is not None:
-            step = float(step)
-            if not (step > 0 and math.isfinite(step)):
-                raise ValueError(f"Uniform: `step` must be a positive finite float or None, got {step}.")
+            step = check_number(step, "step", gt=0)
             if per_channel:
                 raise ValueError("Uniform: `per_channel=True` needs a learnable step (`step=None`).")
         self.step = step
         self.per_channel = bool(per_channel)
-        self.offset = float(offset)
+        # the channel axes of the quantized tensor (None: last); layers set them at build
+        self.channel_axes = channels.check_channel_axes(channel_axes)
+        if self.channel_axes is not None and not self.per_channel:
+            raise ValueError("Uniform: `channel_axes` applies only with `per_channel=True`.")
+        self.offset = check_number(offset, "offset")
         if self.symmetric and self.offset != 0.0:
             raise ValueError("Uniform: `offset` applies only with `symmetric=False`.")
         if self.symmetric and self.bits < 2:
@@ -54,37 +71,59 @@ class Uniform(Quantizer):
 
     def build(self, input_shape):
         if self.step is None:
-            shape = (input_shape[-1],) if self.per_channel else ()
-            self.step_scale = self.add_weight(name="step_scale", shape=shape, initializer="ones")
+            shape = channels.channel_shape(input_shape, self.channel_axes) if self.per_channel else ()
+            self.step_scale = self.add_weight(name="step_scale", shape=shape, initializer="ones",
+                                              autocast=False)
+            # set once from a global statistic: equal on every replica
             self.step_init = self.add_weight(
                 name="step_init", shape=shape, initializer="ones", trainable=False,
-                aggregation="only_first_replica",
+                aggregation="only_first_replica", autocast=False,
             )
             self.initialized = self.add_weight(
                 name="initialized", shape=(), initializer="zeros", trainable=False,
-                aggregation="only_first_replica",
+                aggregation="only_first_replica", autocast=False,
             )
+            # LSQ's N: values per step (the batch axis, when unknown, is not counted)
+            size = math.prod(int(d) for d in input_shape if d is not None)
+            channels_count = math.prod(shape) if shape else 1
+            self._values_per_step = max(size // max(channels_count, 1), 1)
         super().build(input_shape)
 
-    def _step(self, x):
+    @property
+    def lsq_gradient_scale(self) -> float:
+        """LSQ's ``g = 1/√(N·Q_P)`` (1 when ``lsq_grad_scale=False``)."""
+        if not self.lsq_grad_scale:
+            return 1.0
+        return 1.0 / math.sqrt(self._values_per_step * max(self.staircase.hi, 1.0))
+
+    def _step(self, x, training=None):
         if self.step is not None:
             return ops.cast(self.step, x.dtype)
-        st = self.staircase
-        u = max(st.hi, 1.0)  # LSQ: Q_P, the largest positive level
-        axes = tuple(range(len(x.shape) - 1)) if self.per_channel else None
-        estimate = 2.0 * ops.mean(ops.abs(ops.stop_gradient(x) - self.offset), axis=axes) / math.sqrt(u)
-        estimate = ops.maximum(estimate, 1e-8)
-        done = ops.convert_to_tensor(self.initialized) > 0
-        base = ops.where(done, ops.convert_to_tensor(self.step_init), estimate)
-        self.step_init.assign(base)
-        self.initialized.assign(1.0)
-        return base * ops.abs(self.step_scale)
+        u = max(self.staircase.hi, 1.0)  # LSQ: Q_P, the largest positive level
+        axes = channels.reduced_axes(len(x.shape), self.channel_axes) if self.per_channel else None
+        mean_abs = distribute.global_mean(ops.abs(ops.stop_gradient(x) - self.offset), axis=axes)
+        if self.per_channel:  # a channel without signal (e.g. a dead pixel) takes the tensor's mean
+            mean_abs = ops.where(mean_abs > 0, mean_abs, ops.mean(mean_abs))
+        estimate = 2.0 * mean_abs / math.sqrt(u)
+        # an all-zero batch (e.g. a dummy pass on zeros) carries no scale: wait for data
+        (base,) = distribute.initialize_once(self.initialized, [(self.step_init, estimate)],
+                                             training=training, valid=ops.all(mean_abs > 0))
+        base = ops.maximum(base, 1e-8)
+        scale = ops.convert_to_tensor(self.step_scale)
+        g = self.lsq_gradient_scale
+        if g != 1.0:  # gradient × g, value exactly c
+            scale = ops.stop_gradient(scale) + (scale * g - ops.stop_gradient(scale * g))
+        step = base * ops.abs(scale)
+        if self.per_channel:  # one step per channel, broadcast against x
+            step = ops.reshape(step, channels.broadcast_shape(
+                [1 if d is None else d for d in x.shape], self.channel_axes))
+        return step
 
     def extra_bits(self, shape):
-        return 32 * (int(shape[-1]) if self.per_channel else 1)
+        return 32 * (channels.channel_count(shape, self.channel_axes) if self.per_channel else 1)
 
     def pre(self, x, training=None):
-        step = self._step(x)
+        step = self._step(x, training)
         return (x - self.offset) / step, {"step": step}
 
     def post(self, q, params):
@@ -98,4 +137,6 @@ class Uniform(Quantizer):
             "step": self.step,
             "per_channel": self.per_channel,
             "offset": self.offset,
+            "lsq_grad_scale": self.lsq_grad_scale,
+            **({"channel_axes": list(self.channel_axes)} if self.channel_axes is not None else {}),
         }

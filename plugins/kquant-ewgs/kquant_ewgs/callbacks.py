@@ -6,8 +6,11 @@ iterations (every epoch on ImageNet, every 10 on CIFAR-10); see
 :func:`kquant_ewgs.hessian.estimate_deltas`. A callback has no access to the
 batch being trained on, so it is given its own data and takes ``num_batches``
 consecutive batches of it (cycling), averaging ``Tr(H)/N`` and ``σ`` over
-them as the authors' code does (3 batches there). Estimators created with
-``adaptive=False`` keep their fixed δ. A NaN/inf estimate leaves δ unchanged.
+them as the authors' code does (3 batches there, the default). Each trace is
+Hutchinson's estimate with its own Rademacher vector per quantizer, up to
+``samples`` = 50 iterations with relative tolerance ``tol`` = 1e-3 (the
+authors' settings). Estimators created with ``adaptive=False`` keep their
+fixed δ. A NaN/inf estimate (e.g. a non-finite batch) leaves δ unchanged.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from kquant_ewgs.hessian import estimate_deltas, ewgs_estimators
 class DeltaUpdate(keras.callbacks.Callback):
     """Sets each adaptive EWGS δ from a Hutchinson Hessian-trace estimate every ``every`` steps."""
 
-    def __init__(self, x, y, every=100, batch_size=32, num_batches=1, samples=16,
+    def __init__(self, x, y, every=100, batch_size=32, num_batches=3, samples=50, tol=1e-3,
                  loss=None, seed=0, verbose=0):
         super().__init__()
         if int(every) < 1:
@@ -39,6 +42,9 @@ class DeltaUpdate(keras.callbacks.Callback):
         self.batch_size = int(batch_size)
         self.num_batches = int(num_batches)
         self.samples = int(samples)
+        self.tol = float(tol)
+        if not self.tol >= 0:
+            raise ValueError(f"DeltaUpdate: `tol` must be >= 0, got {tol}.")
         self.loss = loss
         self.seed = int(seed)
         self.verbose = int(verbose)
@@ -62,16 +68,17 @@ class DeltaUpdate(keras.callbacks.Callback):
         for b in range(self.num_batches):
             xb, yb = self._next_batch()
             found = estimate_deltas(model, xb, yb, loss=self.loss, estimators=estimators,
-                                    samples=self.samples, seed=self.seed + 7919 * len(self.history) + b)
+                                    samples=self.samples, tol=self.tol,
+                                    seed=self.seed + 7919 * len(self.history) + b)
             for est, d in found.items():
                 sums[est] += (d.trace / d.size, d.grad_std)
         deltas = {}
         for est, (curv, std) in sums.items():
             curv, std = curv / self.num_batches, std / self.num_batches
-            delta = max(0.0, curv / (3.0 * std + 1e-12))
-            if np.isfinite(delta):
-                est.set_delta(delta)
-            deltas[est] = float(np.asarray(est.delta.value))
+            raw = curv / (3.0 * std + 1e-12)
+            if np.isfinite(raw):  # checked before the clip: max(0.0, nan) is 0.0 in Python
+                est.set_delta(max(0.0, raw))
+            deltas[est] = float(keras.ops.convert_to_numpy(est.delta))
         self.history.append({"step": self._step, **{e.path if hasattr(e, "path") else e.name: v
                                                    for e, v in deltas.items()}})
         if self.verbose:

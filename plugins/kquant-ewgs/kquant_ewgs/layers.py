@@ -19,9 +19,11 @@ from __future__ import annotations
 import math
 
 import keras
+import numpy as np
 from keras import ops
 
 from kquant.layers import QuantConv2D, QuantDense
+from kquant_ewgs._state import init_once
 
 
 class OutputScale(keras.layers.Layer):
@@ -49,16 +51,19 @@ class OutputScale(keras.layers.Layer):
         """``|α|`` as a tensor."""
         return ops.abs(ops.convert_to_tensor(self.init) + self.lr_multiplier * self.offset)
 
-    def apply_to(self, o_q, estimate):
-        """``|α|·o_q``; ``estimate()`` gives α₀, evaluated only at the first call."""
-        done = ops.convert_to_tensor(self.initialized) > 0
+    def apply_to(self, o_q, moments, training=None):
+        """``|α|·o_q``; ``moments()`` gives ``E|o|, E|o_q|`` of the call's data and
+        ``α₀ = E|o| / E|o_q|`` (global batch). α₀ is stored from the first finite batch
+        of a training call (see :mod:`kquant_ewgs._state`)."""
+        def finish(m):
+            num, den = m
+            ratio = ops.where(den > 0, num / ops.maximum(den, 1e-12), 1.0)
+            # a non-finite batch gives a non-finite estimate (never the fallback 1.0)
+            ok = ops.logical_and(ops.isfinite(num), ops.isfinite(den))
+            return [ops.where(ok, ratio, np.nan)]
 
-        def stored():
-            return ops.cast(ops.convert_to_tensor(self.init), o_q.dtype)
-
-        alpha0 = ops.cond(done, stored, estimate)
-        self.init.assign(alpha0)
-        self.initialized.assign(1.0)
+        (alpha0,) = init_once([self.init], moments, 2, finish, self.initialized, training)
+        alpha0 = ops.cast(alpha0, o_q.dtype)
         return o_q * ops.abs(alpha0 + self.lr_multiplier * ops.cast(self.offset, o_q.dtype))
 
     def call(self, o_q):
@@ -95,13 +100,11 @@ class OutputScaleMixin:
         o_q = self._linear(self.quantized_inputs(inputs, training),
                            super().quantized_kernel(training))
 
-        def estimate():  # α₀ = E|op(x, W)| / E|op(Q_A(x), Q_W(W))|
+        def moments():  # E|op(x, W)|, E|op(Q_A(x), Q_W(W))| of this replica's batch
             o = self._linear(ops.stop_gradient(inputs), ops.stop_gradient(self.latent_kernel))
-            num = ops.mean(ops.abs(o))
-            den = ops.mean(ops.abs(ops.stop_gradient(o_q)))
-            return ops.cast(ops.where(den > 0, num / ops.maximum(den, 1e-12), 1.0), o_q.dtype)
+            return [ops.mean(ops.abs(o)), ops.mean(ops.abs(ops.stop_gradient(o_q)))]
 
-        return self.output_scaler.apply_to(o_q, estimate)
+        return self.output_scaler.apply_to(o_q, moments, training)
 
 
 @keras.saving.register_keras_serializable(package="kquant_ewgs")

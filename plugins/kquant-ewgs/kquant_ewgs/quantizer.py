@@ -23,6 +23,7 @@ from keras import ops
 
 from kquant.quantizers.base import Quantizer, check_bits
 from kquant.staircase import Staircase
+from kquant_ewgs._state import init_once
 
 _KINDS = ("weight", "activation")
 _EPS = 1e-8
@@ -73,25 +74,32 @@ class EWGSQuantizer(Quantizer):
         self.initialized = state("initialized")
         super().build(input_shape)
 
-    def _initial_interval(self, x):
-        """Paper §4.1: ``∓3σ(W)`` (weights); ``0, 3σ(a)/√(1−2/π)`` (activations)."""
-        sigma = ops.std(ops.stop_gradient(x))
+    def _initial_interval(self, moments):
+        """Paper §4.1: ``∓3σ(W)`` (weights); ``0, 3σ(a)/√(1−2/π)`` (activations), from the
+        global batch's moments ``E[x], E[x²]`` (all-reduced across replicas)."""
+        m1, m2 = moments
+        sigma = ops.sqrt(ops.maximum(m2 - ops.square(m1), 0.0))
         if self.kind == "weight":
             return -3.0 * sigma, 3.0 * sigma
         return ops.zeros_like(sigma), 3.0 * sigma / math.sqrt(1.0 - 2.0 / math.pi)
 
-    def interval(self, x):
-        """``(l, u)`` as tensors; ``l₀, u₀`` are set from ``x`` at the first forward pass."""
-        done = ops.convert_to_tensor(self.initialized) > 0
-        l0, u0 = self._initial_interval(x)
-        u0 = ops.maximum(u0, l0 + 1e-3)  # a constant tensor has σ = 0
-        l0 = ops.where(done, ops.convert_to_tensor(self.lower_init), ops.cast(l0, x.dtype))
-        u0 = ops.where(done, ops.convert_to_tensor(self.upper_init), ops.cast(u0, x.dtype))
-        self.lower_init.assign(l0)
-        self.upper_init.assign(u0)
-        self.initialized.assign(1.0)
+    def interval(self, x, training=None):
+        """``(l, u)`` as tensors. ``l₀, u₀`` are stored from the first finite batch of a
+        training call; before that every call uses its own data's estimate."""
+        def moments():
+            v = ops.cast(ops.stop_gradient(x), "float32")
+            return [ops.mean(v), ops.mean(ops.square(v))]
+
+        def finish(moments):
+            l0, u0 = self._initial_interval(moments)
+            return [l0, ops.maximum(u0, l0 + 1e-3)]  # a constant tensor has σ = 0
+
+        l0, u0 = init_once([self.lower_init, self.upper_init], moments, 2, finish,
+                           self.initialized, training)
         m = self.lr_multiplier
-        return l0 + m * self.lower_offset, u0 + m * self.upper_offset
+        l0, u0 = ops.cast(l0, x.dtype), ops.cast(u0, x.dtype)
+        return (l0 + m * ops.cast(self.lower_offset, x.dtype),
+                u0 + m * ops.cast(self.upper_offset, x.dtype))
 
     def bounds(self):
         """The current ``(l, u)`` as floats."""
@@ -101,7 +109,7 @@ class EWGSQuantizer(Quantizer):
         return float(lo), float(hi)
 
     def pre(self, x, training=None):
-        lower, upper = self.interval(x)
+        lower, upper = self.interval(x, training=training)
         x_n = ops.clip((x - lower) / ops.maximum(upper - lower, _EPS), 0.0, 1.0)
         return self.levels * x_n, {}
 

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.core  # backend-agnostic core: also run on torch
 
 def _quantizer(bits, kind, estimator, x):
     q = EWGSQuantizer(bits, kind=kind, estimator=estimator)
-    q(ops.convert_to_tensor(x))  # first call: data-driven l, u
+    q(ops.convert_to_tensor(x), training=True)  # first training call: data-driven l, u
     return q
 
 

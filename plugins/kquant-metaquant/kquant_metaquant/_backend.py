@@ -1,4 +1,5 @@
-"""The one backend-specific seam of MetaQuant: value and gradient of a pure function."""
+"""The backend-specific seam of MetaQuant: value and gradient of a pure function,
+and the cross-replica sum of gradients under ``tf.distribute``."""
 
 from __future__ import annotations
 
@@ -33,3 +34,27 @@ def backend_value_and_grad(fn, args):
     import jax
 
     return jax.value_and_grad(fn, argnums=tuple(range(len(args))), has_aux=True)(*args)
+
+
+def replicas() -> int:
+    """Replicas in sync in the current ``tf.distribute`` replica context (else 1).
+
+    On JAX ``DataParallel`` the batch is one global array: gradients are global already.
+    """
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        if tf.distribute.has_strategy() and not tf.distribute.in_cross_replica_context():
+            return int(tf.distribute.get_replica_context().num_replicas_in_sync)
+    return 1
+
+
+def replica_sum(tensors):
+    """All-reduce (sum) a list of per-replica gradients, as Keras does for its own
+    step (the per-replica loss is already scaled by 1/replicas); identity on one replica."""
+    tensors = list(tensors)
+    if replicas() > 1 and tensors:
+        import tensorflow as tf
+
+        return list(tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, tensors))
+    return tensors

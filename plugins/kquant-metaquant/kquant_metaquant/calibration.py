@@ -6,9 +6,9 @@ MetaQuant (Chen et al. 2019, Eq. 1–4) writes a weight quantizer as
 
 * DoReFa: ``W̃ = tanh W / (2 max|tanh W|) + ½``, calibration
   ``(1 − tanh² W) / max|tanh W|`` (the paper's formula, which folds in the
-  factor 2 of ``Ŵ = 2·round(…)/(2^k−1) − 1``). We also keep the term through
-  the ``max`` (it touches only the arg-max coordinate), so that with the
-  identity meta network ``g_W`` is exactly kquant's DoReFa + STE gradient.
+  factor 2 of ``Ŵ = 2·round(…)/(2^k−1) − 1``), with ``max|tanh W|`` a
+  constant as in the paper and the authors' code (no term through the max;
+  kquant's DoReFa + STE keeps one, so the two differ at the arg-max only).
 * BWN: ``W̃ = W``, calibration 1 (the scale ``mean|W|`` is a constant).
 * Sign: ``W̃ = W``, calibration 1.
 
@@ -48,17 +48,10 @@ class DoReFaView(MetaView):
         return t / (2.0 * ops.maximum(ops.max(ops.abs(t)), 1e-12)) + 0.5
 
     def calibrate(self, w, g_soft):
-        # d(t/M)/dW with t = tanh W, M = max|t|: the diagonal (1−t²)/M plus the
-        # rank-one term of M at its arg-max k: −sign(t_k)(1−t_k²)/M² · Σ g t.
+        # (1 − tanh² W) / max|tanh W|, the max held constant (paper Eq. 4, authors' code)
         t = ops.tanh(w)
-        a = ops.abs(t)
-        m = ops.maximum(ops.max(a), 1e-12)
-        diagonal = g_soft * (1.0 - t * t) / m
-        flat = ops.reshape(a, (-1,))
-        onehot = ops.reshape(ops.one_hot(ops.argmax(flat), ops.shape(flat)[0], dtype=w.dtype),
-                             ops.shape(w))
-        through_max = ops.sum(g_soft * t) / (m * m) * ops.sign(t) * (1.0 - t * t) * onehot
-        return diagonal - through_max
+        m = ops.maximum(ops.max(ops.abs(t)), 1e-12)
+        return g_soft * (1.0 - t * t) / m
 
     def output_slope(self, w):
         return 2.0 / (2 ** self.quantizer.bits - 1)

@@ -3,7 +3,8 @@
 The estimator of a kernel quantizer keeps the per-coordinate state MetaQuant
 needs between steps (the last ``g_Ŵ`` and, for LSTMFC, the LSTM state
 ``(h, c)``), as non-trainable weights that save with the model. Its own
-backward rule is the straight-through one (``g_z = g_q``): that is what the
+backward rule is the straight-through one (``g_z = g_q``; on the binary BWN/sign
+staircase ``g_q·1{|W| ≤ 1}`` as in the authors' code): that is what the
 forward of the *next* step differentiates through (as in the authors' code),
 and what a plain ``model.fit`` would use. The learned meta gradient itself is
 applied by :class:`kquant_metaquant.MetaQuant`, whose train step carries out
@@ -11,6 +12,8 @@ the late weight update (paper Eq. 6–8, Alg. 1).
 """
 
 from __future__ import annotations
+
+from keras import ops
 
 from kquant.estimators import Estimator
 from kquant_metaquant.meta_networks import META_NETWORKS
@@ -22,7 +25,8 @@ class MetaQuantEstimator(Estimator):
     #: fixed by the named subclasses (``fcgrad``, ``multifc``, ``lstmfc``)
     fixed_meta_network = None
 
-    def __init__(self, meta_network="multifc", hidden=100, num_layers=None, activation=None, **kwargs):
+    def __init__(self, meta_network="multifc", hidden=100, num_layers=None, activation=None,
+                 use_bias=False, **kwargs):
         super().__init__(**kwargs)
         if self.fixed_meta_network is not None:
             meta_network = self.fixed_meta_network
@@ -31,12 +35,13 @@ class MetaQuantEstimator(Estimator):
                 f"`meta_network` must be one of {sorted(META_NETWORKS)}, got {meta_network!r}."
             )
         # validates hidden / num_layers / activation with the network's own rules
-        probe = META_NETWORKS[meta_network](hidden=hidden, activation=activation,
+        probe = META_NETWORKS[meta_network](hidden=hidden, activation=activation, use_bias=use_bias,
                                             **({} if num_layers is None else {"num_layers": num_layers}))
         self.meta_network = meta_network
         self.hidden = probe.hidden
         self.num_layers = probe.num_layers
         self.activation = activation
+        self.use_bias = probe.use_bias
         self._state_count = probe.state_count
         #: set only inside MetaQuant's train step: a zero tensor added to the
         #: staircase output so that its gradient is ``g_q``.
@@ -45,7 +50,8 @@ class MetaQuantEstimator(Estimator):
     # -- the shared network this estimator asks for ---------------------------
     def meta_spec(self) -> dict:
         return {"kind": self.meta_network, "hidden": self.hidden,
-                "num_layers": self.num_layers, "activation": self.activation}
+                "num_layers": self.num_layers, "activation": self.activation,
+                "use_bias": self.use_bias}
 
     # -- per-coordinate state ---------------------------------------------------
     def build(self, input_shape=None):
@@ -71,6 +77,11 @@ class MetaQuantEstimator(Estimator):
 
     # -- forward / backward -------------------------------------------------------
     def context(self, z, q, staircase, x=None, training=None):
+        # The authors' BWN/sign STE is g·1{|W| ≤ 1} (binary staircase: z = W); the
+        # DoReFa staircase never leaves its range. Only the φ path sees this gate:
+        # g_Ŵ is read through a probe added after the step.
+        if staircase.binary:
+            return {"gate": ops.cast(ops.abs(z) <= 1.0, z.dtype)}
         return {}
 
     def step(self, z, staircase, x=None, training=None):
@@ -80,11 +91,15 @@ class MetaQuantEstimator(Estimator):
         return q
 
     def gradient(self, upstream, ctx):
+        if "gate" in ctx:
+            return upstream * ops.cast(ctx["gate"], upstream.dtype)
         return upstream
 
     def get_config(self):
         config = {"hidden": self.hidden, "num_layers": self.num_layers,
                   "activation": self.activation}
+        if self.use_bias:
+            config["use_bias"] = True
         if self.fixed_meta_network is None:
             config["meta_network"] = self.meta_network
         return config

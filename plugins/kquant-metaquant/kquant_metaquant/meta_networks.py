@@ -12,6 +12,14 @@ weight) and ``W̃`` (the pre-processed weight); the output is ``g_W̃``.
   treated as a constant, as in the authors' code).
 
 Paper defaults: hidden size 100, two bias-free FC layers, no nonlinearity.
+
+A bias-free linear stack is a scalar: ``FCs(W̃) = c·W̃`` with ``c = Π kernels``,
+so MultiFC collapses to ``g_W̃ = c·g·W̃``. With a *signed* ``W̃`` (BWN, sign:
+``W̃ = W``) every coordinate with ``sign(c·W) < 0`` moves *up* the loss, about
+half of them every step (the paper's own configuration; MetaQuant warns).
+``use_bias=True`` (our fix) gives the FC layers biases, the last one
+initialised to 1, so ``FCs(W̃) = c·W̃ + b`` starts near 1 (``M ≈ g``, STE) and
+φ learns a positive, ``W̃``-dependent scale.
 """
 
 from __future__ import annotations
@@ -22,7 +30,9 @@ from keras import ops
 _ACTIVATIONS = (None, "relu", "tanh")
 
 
-def _check(hidden, num_layers, activation):
+def _check(hidden, num_layers, activation, use_bias=False):
+    if not isinstance(use_bias, bool):
+        raise ValueError(f"`use_bias` must be a bool, got {use_bias!r}.")
     if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1:
         raise ValueError(f"`hidden` must be a positive integer, got {hidden!r}.")
     if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
@@ -37,32 +47,63 @@ class MetaNetwork(keras.layers.Layer):
     #: number of per-coordinate state tensors, each ``(n, state_width)``
     state_count = 0
 
-    def __init__(self, hidden=100, num_layers=2, activation=None, **kwargs):
+    def __init__(self, hidden=100, num_layers=2, activation=None, use_bias=False, **kwargs):
         super().__init__(**kwargs)
-        _check(hidden, num_layers, activation)
+        _check(hidden, num_layers, activation, use_bias)
         self.hidden = hidden
         self.num_layers = num_layers
         self.activation = activation
+        self.use_bias = use_bias
 
     @property
     def state_width(self):
         return self.hidden
 
     def _fc_stack(self, prefix):
-        """Bias-free ``1 → hidden → … → 1`` kernels (``num_layers`` of them)."""
+        """``1 → hidden → … → 1`` kernels (``num_layers`` of them); with ``use_bias``
+        also biases (zeros, the last one ones), else bias-free as in the paper."""
         sizes = [1] + [self.hidden] * (self.num_layers - 1) + [1]
-        return [
+        kernels = [
             self.add_weight(shape=(a, b), initializer="glorot_uniform", name=f"{prefix}{i}")
             for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:]))
         ]
+        self._fc_biases = []
+        if self.use_bias:
+            last = len(sizes) - 2
+            self._fc_biases = [
+                self.add_weight(shape=(b,), initializer="ones" if i == last else "zeros",
+                                name=f"{prefix}_bias{i}")
+                for i, b in enumerate(sizes[1:])
+            ]
+        return kernels
 
     def _apply_fc(self, kernels, x):
-        """``x`` of shape ``(n, 1)`` through the stack, activation between layers."""
+        """``x`` of shape ``(n, 1)`` through the stack, activation between layers.
+
+        Without activation the stack is the scalar affine map ``c·x + d``
+        (``c = Π kernels``; ``d`` the biases pushed through, 0 without biases):
+        computed as such (O(n), identical maths) instead of ``n × hidden`` matmuls.
+        """
+        if self.activation is None:
+            c = kernels[0]
+            d = self._fc_biases[0][None, :] if self._fc_biases else None
+            for i, k in enumerate(kernels[1:], start=1):
+                c = ops.matmul(c, k)
+                if d is not None:
+                    d = ops.matmul(d, k) + self._fc_biases[i]
+            return x * c if d is None else x * c + d
         for i, k in enumerate(kernels):
             x = ops.matmul(x, k)
+            if self._fc_biases:
+                x = x + self._fc_biases[i]
             if i < len(kernels) - 1 and self.activation is not None:
                 x = ops.relu(x) if self.activation == "relu" else ops.tanh(x)
         return x
+
+    @property
+    def collapses_to_scalar(self) -> bool:
+        """``True`` when the FC stack is linear and bias-free: ``FCs(x) = c·x``."""
+        return self.activation is None and not self.use_bias
 
     def initial_state(self, n):
         return tuple(ops.zeros((n, self.state_width)) for _ in range(self.state_count))
@@ -75,7 +116,8 @@ class MetaNetwork(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "hidden": self.hidden,
-                "num_layers": self.num_layers, "activation": self.activation}
+                "num_layers": self.num_layers, "activation": self.activation,
+                "use_bias": self.use_bias}
 
 
 @keras.saving.register_keras_serializable(package="kquant_metaquant")
@@ -108,8 +150,10 @@ class LSTMFCNetwork(MetaNetwork):
 
     state_count = 2
 
-    def __init__(self, hidden=100, num_layers=1, activation=None, **kwargs):
-        super().__init__(hidden=hidden, num_layers=num_layers, activation=activation, **kwargs)
+    def __init__(self, hidden=100, num_layers=1, activation=None, use_bias=False, **kwargs):
+        # the LSTM and its FC head always have biases (as in the authors' code)
+        super().__init__(hidden=hidden, num_layers=num_layers, activation=activation,
+                         use_bias=use_bias, **kwargs)
 
     def build(self, input_shape=None):
         h = self.hidden
@@ -136,11 +180,12 @@ class LSTMFCNetwork(MetaNetwork):
 META_NETWORKS = {"fcgrad": FCGradNetwork, "multifc": MultiFCNetwork, "lstmfc": LSTMFCNetwork}
 
 
-def build_meta_network(kind, hidden=100, num_layers=None, activation=None, name=None):
+def build_meta_network(kind, hidden=100, num_layers=None, activation=None, name=None,
+                       use_bias=False):
     """A built meta network by kind (``fcgrad``, ``multifc``, ``lstmfc``)."""
     if kind not in META_NETWORKS:
         raise ValueError(f"`meta_network` must be one of {sorted(META_NETWORKS)}, got {kind!r}.")
-    kwargs = {"hidden": hidden, "activation": activation}
+    kwargs = {"hidden": hidden, "activation": activation, "use_bias": use_bias}
     if num_layers is not None:
         kwargs["num_layers"] = num_layers
     net = META_NETWORKS[kind](name=name or f"meta_{kind}", **kwargs)

@@ -34,11 +34,12 @@ the last recorded gradients are applied by the next step.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import keras
 from keras import ops
 
-from kquant_metaquant._backend import backend_value_and_grad, check_backend
+from kquant_metaquant._backend import backend_value_and_grad, check_backend, replica_sum, replicas
 from kquant_metaquant.calibration import meta_view
 from kquant_metaquant.estimators import MetaQuantEstimator
 from kquant_metaquant.meta_networks import MetaNetwork, build_meta_network
@@ -83,6 +84,25 @@ def _finite(x):
     return ops.where(ops.isfinite(x), x, ops.zeros_like(x))
 
 
+def _warn_if_cannot_descend(meta_network, kernels):
+    """MultiFC with a bias-free linear stack is ``c·g·W̃``: with signed W̃ (BWN/sign)
+    about half the coordinates move uphill every step, whatever φ learns."""
+    from kquant_metaquant.calibration import DoReFaView
+    from kquant_metaquant.meta_networks import MultiFCNetwork
+
+    if not (isinstance(meta_network, MultiFCNetwork) and meta_network.collapses_to_scalar):
+        return
+    signed = [k.layer.name for k in kernels if not isinstance(k.view, DoReFaView)]
+    if signed:
+        warnings.warn(
+            "MetaQuant MultiFC with the paper's bias-free linear FC stack computes "
+            "g_W = c·g·W̃ (c a scalar), and with the signed W̃ = W of BWN/sign (layers "
+            f"{signed}) about half of the coordinates are pushed uphill every step: it cannot "
+            "descend. Use estimator=kquant.estimators.get('multifc', use_bias=True) "
+            "(FC biases, M starts at ≈ g) or a DoReFa kernel quantizer.",
+            UserWarning, stacklevel=3)
+
+
 @keras.saving.register_keras_serializable(package="kquant_metaquant")
 class MetaQuant(keras.Model):
     """Wraps a kquant model and trains it with MetaQuant's late weight update.
@@ -124,7 +144,7 @@ class MetaQuant(keras.Model):
             meta_network = keras.saving.deserialize_keras_object(meta_network)
         if meta_network is None:
             meta_network = build_meta_network(spec["kind"], spec["hidden"], spec["num_layers"],
-                                              spec["activation"])
+                                              spec["activation"], use_bias=spec["use_bias"])
         if not isinstance(meta_network, MetaNetwork):
             raise TypeError("`meta_network` must be a kquant_metaquant MetaNetwork, got "
                             f"{type(meta_network).__name__}.")
@@ -137,6 +157,7 @@ class MetaQuant(keras.Model):
                     f"`meta_network` {type(meta_network).__name__} does not match the state kept by "
                     f"the estimator of layer {k.layer.name!r} ({k.estimator.meta_spec()})."
                 )
+        _warn_if_cannot_descend(meta_network, kernels)
         self.model = model
         self.meta_network = meta_network
         self.meta_learning_rate = meta_learning_rate
@@ -223,6 +244,11 @@ class MetaQuant(keras.Model):
         if keras.backend.backend() == "jax":
             new_T, new_O = self.optimizer.stateless_apply(optimizer_values, grads, trainable)
         else:
+            # The pending gradients are global already (summed over replicas after the
+            # backward); the optimizer sums them over replicas once more: divide first.
+            r = replicas()
+            if r > 1:
+                grads = [g / float(r) for g in grads]
             self.optimizer.apply(grads, self.trainable_variables)
             new_T = [_read(v) for v in self.trainable_variables]
             new_O = [_read(v) for v in self.optimizer.variables]
@@ -296,6 +322,11 @@ class MetaQuant(keras.Model):
                 [ops.zeros_like(T[ti]) for ti, _ in others])
         (loss, aux), (g_phi, g_kernels, g_others) = backend_value_and_grad(forward, args)
         y_pred, new_T, new_O, new_N, new_M, states = aux
+        # Under tf.distribute: the global batch's gradients on every replica, so that the
+        # stored g_Ŵ, the pending gradients and φ's update are the one-device ones.
+        n_phi, n_k = len(g_phi), len(g_kernels)
+        reduced = replica_sum([*g_phi, *g_kernels, *g_others])
+        g_phi, g_kernels, g_others = reduced[:n_phi], reduced[n_phi:n_phi + n_k], reduced[n_phi + n_k:]
 
         for (k, ti, gi, si), g_q, state in zip(kernels, g_kernels, states):
             # g_Ŵ = g_q / (∂Ŵ/∂q); the LSTM state advances only on real updates.

@@ -29,6 +29,25 @@ def _model(estimator, seed=1, hidden_units=8):
     return keras.Model(inp, out)
 
 
+class _DoReFaMaxConstant(kquant.quantizers.DoReFa):
+    """DoReFa with max|tanh W| held constant in the backward pass (MetaQuant's convention)."""
+
+    def pre(self, x, training=None):
+        t = keras.ops.tanh(x)
+        m = keras.ops.stop_gradient(keras.ops.maximum(keras.ops.max(keras.ops.abs(t)), 1e-12))
+        return (2**self.bits - 1) * (t / (2.0 * m) + 0.5), {}
+
+
+def _ste_reference(seed=1, hidden_units=8):
+    """The STE model the identity meta network must follow exactly."""
+    keras.utils.set_random_seed(seed)
+    inp = keras.Input((6,))
+    h = kquant.QuantDense(hidden_units, activation="relu",
+                          kernel_quantizer=_DoReFaMaxConstant(bits=2, estimator="ste"))(inp)
+    out = kquant.QuantDense(3, kernel_quantizer=kquant.quantizer("sign", estimator="ste"))(h)
+    return keras.Model(inp, out)
+
+
 def _identity_fcgrad(hidden=4):
     """FCGrad with weights making M(g) = g, frozen."""
     net = kmq.build_meta_network("fcgrad", hidden=hidden)
@@ -84,34 +103,39 @@ def test_bad_arguments_name_the_argument():
 
 
 # -- calibration ---------------------------------------------------------------------
-def test_dorefa_calibration_is_the_vjp_of_tanh_over_max():
+def test_dorefa_calibration_holds_the_max_constant():
+    """Paper Eq. 4 and the authors' code: (1 − tanh² W)/max|tanh W| at every coordinate,
+    the arg-max included (no term through the max)."""
     rng = np.random.default_rng(3)
-    w = rng.normal(size=(4, 5)).astype("float32").astype("float64")
-    g = rng.normal(size=(4, 5)).astype("float32").astype("float64")
+    w = rng.normal(size=(4, 5)).astype("float32")
+    g = rng.normal(size=(4, 5)).astype("float32")
     view = meta_view(kquant.quantizer("dorefa", bits=2))
-    got = keras.ops.convert_to_numpy(view.calibrate(keras.ops.convert_to_tensor(w, "float32"),
-                                                    keras.ops.convert_to_tensor(g, "float32")))
-
-    def a(v):
-        t = np.tanh(v)
-        return t / np.abs(t).max()
-
-    eps, fd = 1e-6, np.zeros_like(w)
-    for idx in np.ndindex(w.shape):
-        d = np.zeros_like(w)
-        d[idx] = eps
-        fd[idx] = (np.sum(g * a(w + d)) - np.sum(g * a(w - d))) / (2 * eps)
-    np.testing.assert_allclose(got, fd, rtol=1e-5, atol=5e-6)   # float32 kernel
-    # away from the arg-max it is the paper's (1 − tanh² W)/max|tanh W|
+    got = keras.ops.convert_to_numpy(view.calibrate(keras.ops.convert_to_tensor(w),
+                                                    keras.ops.convert_to_tensor(g)))
     paper = g * (1 - np.tanh(w) ** 2) / np.abs(np.tanh(w)).max()
+    np.testing.assert_allclose(got, paper, rtol=2e-4, atol=1e-6)
     k = np.unravel_index(np.argmax(np.abs(w)), w.shape)
-    mask = np.ones_like(w, bool)
-    mask[k] = False
-    np.testing.assert_allclose(got[mask], paper[mask], rtol=1e-5, atol=1e-7)
+    t = np.tanh(w)   # the old VJP through the max differed exactly here
+    through_max = np.sum(g * t) / np.abs(t).max() ** 2 * np.sign(t[k]) * (1 - t[k] ** 2)
+    assert abs(through_max) > 1e-3 and got[k] == pytest.approx(paper[k], rel=2e-4)
     # W̃ of Eq. 1 and the output slope ∂Ŵ/∂q
     soft = keras.ops.convert_to_numpy(view.soft(keras.ops.convert_to_tensor(w)))
-    np.testing.assert_allclose(soft, a(w) / 2 + 0.5, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(soft, t / np.abs(t).max() / 2 + 0.5, rtol=1e-5, atol=1e-6)
     assert view.output_slope(None) == pytest.approx(2 / 3)
+
+
+def test_binary_estimator_gates_the_phi_path_at_one():
+    """The authors' BWN/sign STE: g·1{|W| ≤ 1} (what the forward of the late update
+    differentiates through); DoReFa's staircase is never gated."""
+    from kquant.testing import grad
+
+    w = np.array([-1.5, -1.0, -0.3, 0.0, 0.7, 1.0, 2.0], "float32")
+    for name in ("bwn", "sign"):
+        q = kquant.quantizer(name, estimator="multifc")
+        q.build(w.shape)
+        _, (g,) = grad(lambda v: keras.ops.sum(q(v, training=True)), w)
+        scale = np.abs(w).mean() if name == "bwn" else 1.0
+        np.testing.assert_allclose(g, scale * (np.abs(w) <= 1), rtol=1e-6)
 
 
 # -- the late weight update ------------------------------------------------------------
@@ -122,7 +146,7 @@ def test_identity_meta_network_follows_the_ste_trajectory(optimizer):
             "adam": lambda: keras.optimizers.Adam(0.02)}[optimizer]
     x, y = _data()
     batches = [(x[i:i + 16], y[i:i + 16]) for i in range(0, 80, 16)]
-    ste = _model("ste")
+    ste = _ste_reference()
     ste.compile(optimizer=make(), loss=LOSS)
     meta = kmq.MetaQuant(_model("fcgrad"), meta_network=_identity_fcgrad())
     for src, dst in zip(ste.layers[1:], meta.model.layers[1:]):
@@ -238,3 +262,68 @@ def test_non_finite_gradients_do_not_corrupt_the_state():
 def test_torch_backend_is_refused_with_a_clear_error():
     with pytest.raises(NotImplementedError, match="tensorflow and jax"):
         kmq.MetaQuant(_model("fcgrad"))
+
+
+# -- MultiFC on signed W̃: the paper's collapse and the use_bias fix ---------------------
+def _digits_bwn(estimator):
+    keras.utils.set_random_seed(0)
+    return keras.Sequential([
+        keras.Input((64,)),
+        kquant.QuantDense(64, activation="relu", kernel_quantizer=kquant.quantizer("bwn", estimator=estimator)),
+        kquant.QuantDense(10, kernel_quantizer=kquant.quantizer("bwn", estimator=estimator)),
+    ])
+
+
+def test_multifc_use_bias_network_starts_near_the_gradient():
+    plain = kmq.build_meta_network("multifc", hidden=8)
+    fixed = kmq.build_meta_network("multifc", hidden=8, use_bias=True)
+    assert plain.collapses_to_scalar and not fixed.collapses_to_scalar
+    assert len(fixed.trainable_weights) == 4 and len(plain.trainable_weights) == 2
+    g = np.linspace(-1, 1, 7).astype("float32")
+    w = np.linspace(-0.2, 0.3, 7).astype("float32")
+    k0, k1 = (keras.ops.convert_to_numpy(v) for v in plain.trainable_weights)
+    out = keras.ops.convert_to_numpy(plain.meta_gradient(g, w)[0])
+    np.testing.assert_allclose(out, g * w * (k0 @ k1).item(), rtol=1e-5, atol=1e-7)   # c·g·W̃
+    fk0, fk1 = (keras.ops.convert_to_numpy(v) for v in fixed.trainable_weights[:2])
+    out = keras.ops.convert_to_numpy(fixed.meta_gradient(g, w)[0])
+    np.testing.assert_allclose(out, g * (1 + w * (fk0 @ fk1).item()), rtol=1e-5, atol=1e-7)
+    est = kquant.estimators.get("multifc", use_bias=True)
+    again = kquant.estimators.get(kquant.estimators.serialize(est))
+    assert again.use_bias and again.meta_spec()["use_bias"]
+
+
+@needs_train_step
+@pytest.mark.slow
+def test_multifc_on_bwn_descends_with_biases_and_warns_without():
+    import warnings
+
+    (x, y), _ = kquant.datasets.load("digits")
+    x = x.reshape(len(x), -1)
+    with pytest.warns(UserWarning, match="cannot descend"):
+        plain = kmq.MetaQuant(_digits_bwn("multifc"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fixed = kmq.MetaQuant(_digits_bwn({"name": "multifc", "config": {"use_bias": True}}))
+    drops = []
+    for model in (plain, fixed):
+        model.compile(keras.optimizers.Adam(1e-3), LOSS)
+        before = model.evaluate(x, y, verbose=0)
+        after = model.fit(x, y, batch_size=64, epochs=2, verbose=0).history["loss"][-1]
+        drops.append(before - after)
+    assert drops[1] > 0.1, drops            # the fix descends (≈ STE: 2.33 → 2.16)
+    assert drops[1] > 4 * abs(drops[0]), drops   # the paper's stack barely moves
+
+
+@needs_train_step
+@pytest.mark.slow
+def test_benchmark_rows_train_the_labelled_meta_network(tmp_path):
+    from kquant.benchmarks import metaquant as bench
+    from kquant.benchmarks.common import BenchConfig
+
+    cfg = BenchConfig(tiny=True, batch_size=64, seed=0, out_dir=str(tmp_path),
+                      options={"variants": "multifc_bias", "quantizers": "bwn"})
+    rows = {r["variant"]: r for r in bench.run(cfg).rows}
+    assert set(rows) == {"ste", "multifc_bias"}
+    assert rows["ste"]["meta_network"] == "STE"
+    assert bench.VARIANTS["multifc"] == ("multifc", {})   # the paper's bias-free stack
+    assert rows["multifc_bias"]["meta_network"] == "MultiFCNetwork(hidden=16, layers=2, use_bias=True)"

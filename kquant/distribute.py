@@ -1,0 +1,125 @@
+"""Statistics over the whole global batch, whatever the data-parallel set-up.
+
+Data-initialised state (a learned step's first value, running statistics)
+must be computed from the *global* batch, or replicas disagree and a
+distributed run drifts from the one-device run. This module is the one
+backend seam for that:
+
+* TensorFlow ``tf.distribute`` (MirroredStrategy, TPUStrategy): inside a
+  replica context each replica holds its slice of the batch;
+  :func:`replica_sum` is ``ReplicaContext.all_reduce("sum", ·)`` (in-graph,
+  works under XLA on TPU).
+* JAX ``keras.distribution.DataParallel``: the batch is one global (sharded)
+  array, so a plain reduction already is global: identity.
+* one device (any backend, TF's default strategy): identity.
+
+Means are computed as ``all_reduce(sum) / all_reduce(count)``, so they equal
+the one-device mean even when replicas hold unequal slices::
+
+    from kquant import distribute
+    mean = distribute.global_mean(ops.abs(x), axis=0)   # same on every replica
+"""
+
+from __future__ import annotations
+
+import keras
+from keras import ops
+
+
+def _tf_replica_context():
+    """The TF replica context when more than one replica runs in sync, else ``None``."""
+    if keras.backend.backend() != "tensorflow":
+        return None
+    import tensorflow as tf
+
+    if not tf.distribute.has_strategy() or tf.distribute.in_cross_replica_context():
+        return None  # one device, or the whole (unsplit) batch is here
+    ctx = tf.distribute.get_replica_context()
+    if ctx is None or ctx.num_replicas_in_sync <= 1:
+        return None
+    return ctx
+
+
+def num_replicas_in_sync() -> int:
+    """How many replicas share the current step's batch (1 outside ``tf.distribute``)."""
+    ctx = _tf_replica_context()
+    return 1 if ctx is None else int(ctx.num_replicas_in_sync)
+
+
+def replica_sum(value):
+    """``value`` summed over the replicas of the current step (identity on one device / JAX)."""
+    ctx = _tf_replica_context()
+    if ctx is None:
+        return value
+    return ctx.all_reduce("sum", value)
+
+
+def global_sum_and_count(x, axis=None):
+    """``(Σ x, number of elements)`` over ``axis`` of the global batch, in ``x``'s dtype."""
+    x = ops.convert_to_tensor(x)
+    total = ops.sum(x, axis=axis)
+    rank = len(x.shape)
+    axes = range(rank) if axis is None else ([axis] if isinstance(axis, int) else axis)
+    count = ops.cast(1, x.dtype)
+    shape = ops.shape(x)
+    for a in axes:
+        count = count * ops.cast(shape[a], x.dtype)
+    ctx = _tf_replica_context()
+    if ctx is None:
+        return total, count
+    total, count = ctx.all_reduce("sum", [total, count])
+    return total, count
+
+
+def global_mean(x, axis=None):
+    """Mean of ``x`` over ``axis`` of the *global* batch, identical on every replica.
+
+    ``Σ_r Σ x_r / Σ_r n_r`` (an all-reduce of the sums and counts on TF
+    ``tf.distribute``; the plain mean elsewhere).
+    """
+    total, count = global_sum_and_count(x, axis)
+    return total / count
+
+
+def all_finite(x):
+    """Scalar bool: every element of ``x`` is finite (NaN/inf → ``False``)."""
+    return ops.all(ops.isfinite(x))
+
+
+def _is_training(training):
+    """``training`` as ``False`` (Python: no update at all) or a value for ``ops.where``."""
+    if training is None or training is False:
+        return False
+    if training is True:
+        return True
+    return ops.convert_to_tensor(training)
+
+
+def initialize_once(initialized, pairs, training=None, valid=None):
+    """Data-initialised state, set in-graph from the first *finite* training batch.
+
+    ``pairs`` is a list of ``(variable, estimate)``: each estimate must already
+    be a global statistic (e.g. :func:`global_mean`). Returns the values to use
+    now: the stored ones once ``initialized`` (a 0/1 float variable) is set,
+    else the fresh estimates. When ``training`` is truthy and every estimate is
+    finite (and ``valid``, a scalar bool, holds), the variables take the
+    estimates and the flag is set; otherwise nothing changes, so a NaN/inf
+    batch or an inference call never initialises. No Python branching on
+    tensors: works under ``jit_compile``, ``tf.distribute`` and JAX tracing.
+    """
+    done = ops.convert_to_tensor(initialized) > 0
+    values = [ops.where(done, ops.cast(ops.convert_to_tensor(v), e.dtype), e) for v, e in pairs]
+    train = _is_training(training)
+    if train is False:
+        return values
+    ok = ops.all(ops.stack([ops.all(ops.isfinite(e)) for _, e in pairs]))
+    if valid is not None:
+        ok = ops.logical_and(ok, valid)
+    if train is not True:
+        ok = ops.logical_and(ok, ops.cast(train, "bool"))
+    take = ops.logical_and(ops.logical_not(done), ok)
+    for variable, estimate in pairs:
+        old = ops.convert_to_tensor(variable)
+        variable.assign(ops.where(take, ops.cast(estimate, old.dtype), old))
+    initialized.assign(ops.cast(ops.logical_or(done, take), initialized.dtype))
+    return values

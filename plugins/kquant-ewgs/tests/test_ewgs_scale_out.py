@@ -1,0 +1,179 @@
+"""EWGS where users run it: first-batch NaN, inference before fit, and the
+distribution matrix entries (MirroredStrategy on 2 logical CPUs, JAX
+DataParallel on 2 host devices) for EWGS with δ refresh, ManiQuant's WCG and
+MetaQuant MultiFC: weights, state and predictions equal to one device."""
+
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+import kquant
+from kquant.testing import run_on_two_cpus, run_on_two_jax_devices
+from kquant_ewgs import EWGS, DeltaUpdate, EWGSDense, EWGSQuantizer
+
+BACKEND = keras.backend.backend()
+
+
+def _model():
+    def est():
+        return EWGS(delta=0.0, adaptive=True)
+
+    return keras.Sequential([
+        keras.Input((8, 8, 1)),
+        keras.layers.Flatten(),
+        keras.layers.Dense(16, activation="relu"),
+        EWGSDense(16, kernel_quantizer=EWGSQuantizer(2, estimator=est()),
+                  input_quantizer=EWGSQuantizer(2, kind="activation", estimator=est())),
+        keras.layers.ReLU(),
+        EWGSDense(10, kernel_quantizer=EWGSQuantizer(2, estimator=est()),
+                  input_quantizer=EWGSQuantizer(2, kind="activation", estimator=est())),
+    ])
+
+
+def _state(model):
+    """Data-initialised state (activation intervals, output scales) and δ. The weight
+    intervals ∓3σ(W) depend on W alone, which a skipped step leaves unchanged."""
+    layers = [layer for layer in model.layers if isinstance(layer, EWGSDense)]
+    owners = [layer.input_quantizer for layer in layers] + [layer.output_scaler for layer in layers]
+    owners += [layer.kernel_quantizer.estimator for layer in layers]
+    return {v.path: np.array(ops.convert_to_numpy(v)) for o in owners for v in o.non_trainable_weights}
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_nan_first_batch_and_inference_leave_state_unchanged(jit):
+    x, y = kquant.datasets.load("digits")[0]
+    x, y = x[:64], y[:64]
+    model = _model()
+    model.compile(kquant.optimizers.SkipNonFinite(keras.optimizers.Adam(1e-3)),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=jit)
+    fresh = _state(model)
+    assert all(v == 0 for k, v in fresh.items() if "initialized" in k)
+    model.predict(x, verbose=0)                              # inference first: no initialisation
+    model.evaluate(x, y, verbose=0)
+    bad = x.copy()
+    bad[5, 3, 3, 0] = np.nan                                 # NaN in the very first training batch
+    model.fit(bad[:32], y[:32], batch_size=32, epochs=1, verbose=0)
+    assert model.optimizer.skipped_steps == 1
+    for k, v in _state(model).items():
+        np.testing.assert_array_equal(v, fresh[k], err_msg=k)
+    for layer in (model.layers[2], model.layers[4]):   # ∓3σ(W) of the unchanged W
+        w = ops.convert_to_numpy(layer.kernel)
+        np.testing.assert_allclose(layer.kernel_quantizer.bounds(), (-3 * w.std(), 3 * w.std()), rtol=1e-4)
+    a = ops.convert_to_numpy(model.layers[1](x[32:].reshape(32, -1)))   # what q will see
+    model.fit(x[32:], y[32:], batch_size=32, epochs=1, verbose=0)   # first finite batch
+    after = _state(model)
+    assert all(v == 1 for k, v in after.items() if "initialized" in k)
+    q = model.layers[2].input_quantizer
+    np.testing.assert_allclose(ops.convert_to_numpy(q.upper_init), 3 * a.std() / np.sqrt(1 - 2 / np.pi),
+                               rtol=1e-4)
+    model.fit(bad[:32], y[:32], batch_size=32, epochs=1, verbose=0)  # and a later NaN batch
+    for k, v in _state(model).items():
+        np.testing.assert_array_equal(v, after[k], err_msg=k)
+
+
+def test_delta_update_on_non_finite_data_keeps_delta():
+    x, y = kquant.datasets.load("digits")[0]
+    model = _model()
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x[:64], y[:64], batch_size=32, epochs=1, verbose=0)
+    ests = [layer.kernel_quantizer.estimator for layer in (model.layers[2], model.layers[4])]
+    for e in ests:
+        e.set_delta(0.2)
+    bad = x[:32].copy()
+    bad[:, 2, 2, 0] = np.nan
+    cb = DeltaUpdate(bad, y[:32], every=1, batch_size=32, samples=2)
+    cb.set_model(model)
+    cb.refresh()
+    assert [float(ops.convert_to_numpy(e.delta)) for e in ests] == pytest.approx([0.2, 0.2])
+
+
+# -- the distribution matrix ---------------------------------------------------------
+_MATRIX = """
+import importlib.util, numpy as np, keras, kquant
+
+def build(kind):
+    L = keras.layers
+    if kind == "ewgs":
+        from kquant_ewgs import EWGS, EWGSDense, EWGSQuantizer
+        q = lambda k: EWGSQuantizer(2, kind=k, estimator=EWGS(delta=0.0, adaptive=True))
+        body = [EWGSDense(16, kernel_quantizer=q("weight"), input_quantizer=q("activation")),
+                L.ReLU(), EWGSDense(10, kernel_quantizer=q("weight"), input_quantizer=q("activation"))]
+    elif kind == "wcg":
+        body = [kquant.QuantDense(16, kernel_quantizer=kquant.quantizer("dorefa", bits=2, estimator="wcg")),
+                L.ReLU(), kquant.QuantDense(10, kernel_quantizer=kquant.quantizer("bwn", estimator="wcg"))]
+    else:
+        body = [kquant.QuantDense(16, kernel_quantizer=kquant.quantizer("bwn", estimator="multifc")),
+                L.ReLU(), kquant.QuantDense(10, kernel_quantizer=kquant.quantizer("bwn", estimator="multifc"))]
+    m = keras.Sequential([keras.Input((8, 8, 1)), L.Flatten(), L.Dense(16, activation="relu"), *body])
+    if kind == "multifc":
+        import kquant_metaquant
+        m = kquant_metaquant.MetaQuant(m)
+    return m
+
+def train(kind, start=None):
+    keras.utils.set_random_seed(0)
+    m = build(kind)
+    if start is not None:
+        for v, s in zip(m.weights, start):
+            v.assign(s)
+    m.compile(keras.optimizers.SGD(0.05, momentum=0.9),
+              keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=JIT)
+    start = [np.array(v) for v in m.weights]
+    cbs = []
+    if kind == "ewgs":
+        from kquant_ewgs import DeltaUpdate
+        cbs = [DeltaUpdate(X, Y, every=3, batch_size=32, samples=3, num_batches=1, tol=0.0)]
+    m.fit(X, Y, batch_size=32, epochs=2, shuffle=False, verbose=0, callbacks=cbs)
+    return start, [np.array(v) for v in m.weights], np.array(m.predict(X, batch_size=32, verbose=0))
+
+(X, Y), _ = kquant.datasets.load("digits")
+X, Y = X[:128], Y[:128]
+for kind, module in (("ewgs", "kquant_ewgs"), ("wcg", "kquant_maniquant"), ("multifc", "kquant_metaquant")):
+    if importlib.util.find_spec(module) is None:
+        print("SKIP", kind); continue
+    with ONE_DEVICE():
+        start, w1, p1 = train(kind)
+    with REPLICAS():
+        _, w2, p2 = train(kind, start)
+    assert len(w1) == len(w2)
+    worst = max(float(np.max(np.abs(a - b))) for a, b in zip(w1, w2))
+    assert worst < 2e-4, (kind, worst)
+    assert float(np.max(np.abs(p1 - p2))) < 2e-4, (kind, float(np.max(np.abs(p1 - p2))))
+    assert max(float(np.max(np.abs(a - b))) for a, b in zip(w1, start)) > 1e-3, kind  # it trained
+    print("OK", kind, worst)
+"""
+
+_TF = """
+import contextlib, tensorflow as tf
+JIT = False   # XLA cannot place MirroredStrategy's per-device variables (Keras' known issue)
+ONE_DEVICE = contextlib.nullcontext
+_MIRRORED = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])  # one: collective keys are per strategy
+REPLICAS = _MIRRORED.scope
+"""
+
+_JAX = """
+import contextlib, keras
+JIT = True
+_DP = keras.distribution.distribution()
+@contextlib.contextmanager
+def ONE_DEVICE():
+    keras.distribution.set_distribution(None)
+    try:
+        yield
+    finally:
+        keras.distribution.set_distribution(_DP)
+REPLICAS = contextlib.nullcontext
+"""
+
+
+@pytest.mark.tf_only
+def test_matrix_mirrored_strategy_equals_one_device():
+    out = run_on_two_cpus(_TF + _MATRIX, timeout=600)
+    assert out.returncode == 0 and "OK ewgs" in out.stdout, out.stdout + out.stderr[-4000:]
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="the JAX DataParallel entry runs with the JAX suite")
+def test_matrix_jax_data_parallel_equals_one_device():
+    out = run_on_two_jax_devices(_JAX + _MATRIX, timeout=600)
+    assert out.returncode == 0 and "OK ewgs" in out.stdout, out.stdout + out.stderr[-4000:]

@@ -1,0 +1,103 @@
+"""TWN, BitNet and PACT train on 2 replicas exactly as on one device; stochastic
+binarization trains on 2 replicas under jit (its SeedGenerator state is a variable).
+
+TF: MirroredStrategy on 2 logical CPUs; JAX: keras.distribution.DataParallel on 2
+host devices (with jit_compile). One subprocess per strategy prints JSON.
+"""
+
+import json
+
+import keras
+import pytest
+
+from kquant.testing import run_on_two_cpus, run_on_two_jax_devices
+
+_SCRIPT = r"""
+import json, numpy as np, keras, kquant
+
+(x_all, y_all), _ = kquant.datasets.load("digits")
+X = x_all.reshape(len(x_all), -1)[:128].astype("float32")
+Y = y_all[:128]
+
+def model(stochastic):
+    keras.utils.set_random_seed(7)
+    middle = kquant.quantizer("stochastic_sign", seed=3) if stochastic else "bitnet"
+    m = keras.Sequential([
+        keras.Input((64,)),
+        kquant.QuantDense(32, kernel_quantizer="twn",
+                          input_quantizer=kquant.quantizer("pact", bits=4, alpha=1.0)),
+        keras.layers.ReLU(),
+        kquant.QuantDense(32, kernel_quantizer=middle),
+        keras.layers.ReLU(),
+        kquant.QuantDense(10, kernel_quantizer="bitnet"),
+    ])
+    m.compile(keras.optimizers.SGD(0.05, momentum=0.9),
+              keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=JIT)
+    return m
+
+def train(m):
+    loss = m.fit(X, Y, batch_size=32, epochs=2, shuffle=False, verbose=0).history["loss"]
+    weights = [np.asarray(keras.ops.convert_to_numpy(v), "float64") for v in m.trainable_weights]
+    return loss, weights, np.asarray(m.predict(X[:32], verbose=0), "float64")
+
+out = {}
+with ONE():
+    l1, w1, p1 = train(model(False))
+with REPLICAS():
+    m2 = model(False)
+l2, w2, p2 = train(m2)
+out["weight_diff"] = max(float(np.max(np.abs(a - b))) for a, b in zip(w1, w2))
+out["pred_diff"] = float(np.max(np.abs(p1 - p2)))
+with REPLICAS():
+    ms = model(True)
+ls, _, ps = train(ms)
+out["stochastic_loss"] = ls
+out["stochastic_finite"] = bool(np.isfinite(ps).all())
+print("JSON" + json.dumps(out))
+"""
+
+_MIRRORED = """
+import contextlib, tensorflow as tf
+STRATEGY = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+assert STRATEGY.num_replicas_in_sync == 2
+REPLICAS = STRATEGY.scope
+ONE = contextlib.nullcontext
+JIT = False   # MirroredStrategy does not support jit_compile
+"""
+
+_DATA_PARALLEL = """
+import contextlib, keras
+DP = keras.distribution.distribution()
+assert len(DP.device_mesh.devices.ravel()) == 2
+keras.distribution.set_distribution(None)
+@contextlib.contextmanager
+def REPLICAS():
+    keras.distribution.set_distribution(DP)
+    try:
+        yield
+    finally:
+        keras.distribution.set_distribution(None)
+ONE = contextlib.nullcontext
+JIT = True
+"""
+
+
+def _check(proc):
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("JSON")), None)
+    assert proc.returncode == 0 and line, proc.stderr[-4000:]
+    out = json.loads(line[4:])
+    assert out["weight_diff"] < 1e-4, out
+    assert out["pred_diff"] < 1e-3, out
+    assert out["stochastic_finite"] and out["stochastic_loss"][-1] < out["stochastic_loss"][0], out
+
+
+@pytest.mark.slow
+@pytest.mark.tf_only
+def test_new_quantizers_under_mirrored_strategy():
+    _check(run_on_two_cpus(_MIRRORED + _SCRIPT, timeout=600))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(keras.backend.backend() != "jax", reason="runs on the JAX pass")
+def test_new_quantizers_under_jax_data_parallel():
+    _check(run_on_two_jax_devices(_DATA_PARALLEL + _SCRIPT, timeout=600))
