@@ -8,7 +8,7 @@ from kquant.estimators.ede import EDE
 from kquant.estimators.htge import DSQ, HTGE
 from kquant.estimators.sign_surrogates import SwishSign
 from kquant.estimators.ste import ClippedSTE
-from kquant.quantizers import PACT, TWN, BitNet, DoReFa, StochasticSign, Uniform
+from kquant.quantizers import BWN, PACT, TWN, BitNet, DoReFa, StochasticSign, Uniform
 from kquant.validation import check_bool, check_choice, check_number
 
 pytestmark = pytest.mark.core
@@ -30,6 +30,7 @@ BAD = [
     (Uniform, {"symmetric": False, "offset": NAN}, "offset"),
     (Uniform, {"symmetric": False, "offset": INF}, "offset"),
     (Uniform, {"symmetric": "no"}, "symmetric"),
+    (Uniform, {"per_channel": "no"}, "per_channel"), (BWN, {"per_channel": "no"}, "per_channel"),
     (TWN, {"threshold_factor": INF}, "threshold_factor"),
     (TWN, {"threshold_factor": -0.7}, "threshold_factor"),
     (TWN, {"per_channel": "no"}, "per_channel"),

@@ -36,6 +36,10 @@ class Estimator(keras.layers.Layer):
 
     #: ``True``: :meth:`gradient` also receives ``x`` and returns ``(g_z, g_x)``.
     uses_latent = False
+    #: ``True``: the gradient of one element depends on other elements of the tensor
+    #: (e.g. ManiQuant's ``t (tᵀg)``); such estimators are refused on input quantizers,
+    #: where they would mix the examples of a batch.
+    whole_tensor = False
 
     def __init__(self, **kwargs):
         kwargs.setdefault("trainable", True)

@@ -11,6 +11,7 @@
 from keras import ops
 
 from kquant.quantizers import channels
+from kquant.validation import check_bool
 from kquant.quantizers.base import Quantizer
 from kquant.staircase import Staircase
 
@@ -44,7 +45,7 @@ class BWN(Quantizer):
 
     def __init__(self, per_channel=False, channel_axes=None, estimator=None, **kwargs):
         super().__init__(estimator=estimator, **kwargs)
-        self.per_channel = bool(per_channel)
+        self.per_channel = check_bool(per_channel, "per_channel")
         self.channel_axes = channels.check_channel_axes(channel_axes)
         if self.channel_axes is not None and not self.per_channel:
             raise ValueError("BWN: `channel_axes` applies only with `per_channel=True`.")

@@ -48,7 +48,7 @@ class Uniform(Quantizer):
             if per_channel:
                 raise ValueError("Uniform: `per_channel=True` needs a learnable step (`step=None`).")
         self.step = step
-        self.per_channel = bool(per_channel)
+        self.per_channel = check_bool(per_channel, "per_channel")
         # the channel axes of the quantized tensor (None: last); layers set them at build
         self.channel_axes = channels.check_channel_axes(channel_axes)
         if self.channel_axes is not None and not self.per_channel:

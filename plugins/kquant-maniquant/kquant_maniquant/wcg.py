@@ -40,6 +40,7 @@ class WCG(Estimator):
     """ManiQuant WCG: g_W = (g + χ/‖t‖²·t(tᵀg))∘1{|W|≤1}, t = tanh(W); χ = 1/out_channels."""
 
     uses_latent = True
+    whole_tensor = True  # t (tᵀg) couples every element: kernels only
 
     def __init__(self, chi=None, **kwargs):
         super().__init__(**kwargs)

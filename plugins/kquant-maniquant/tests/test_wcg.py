@@ -198,3 +198,9 @@ def test_bad_arguments_name_the_argument():
         WCG(chi=float("nan"))
     with pytest.raises(ValueError, match="limit"):
         UnitClip(0.0)
+
+
+def test_refused_on_an_input_quantizer_where_it_would_mix_the_batch():
+    with pytest.raises(ValueError, match="input_quantizer.*whole-tensor"):
+        kquant.QuantDense(3, input_quantizer=kquant.quantizer("sign", estimator="wcg"))
+    kquant.QuantDense(3, kernel_quantizer=kquant.quantizer("sign", estimator="wcg"))  # kernels: fine
