@@ -83,6 +83,8 @@ def _model_rows(cfg, folder, rounds):
     from kquant.deploy import export_weights, runtimes
 
     (x, y), (xt, yt) = load("digits")
+    keep = len(xt) // 64 * 64  # whole batches of 64: shardable over any replica count
+    xt, yt = xt[:keep], yt[:keep]
     width = 8 if cfg.tiny else 32
     model = _convnet(x.shape[1:], width)
     model.compile(keras.optimizers.Adam(3e-3),
@@ -103,6 +105,8 @@ def _model_rows(cfg, folder, rounds):
     export_weights(model, files["native"], fold_batch_norm=True)
     runners = {}
     batches = {1: xt[:1], 64: xt[:64]}
+    if cfg.strategy == "data_parallel":  # a batch of 1 cannot be sharded over the replicas
+        del batches[1]
     runners["keras_float"] = lambda b: keras.ops.convert_to_numpy(inference(b, training=False))
     notes = {}
     if keras.backend.backend() == "tensorflow" and _importable("onnxruntime", "tf2onnx", "onnx"):
