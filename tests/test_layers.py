@@ -26,11 +26,13 @@ INPUT_QUANTIZERS = {
 
 
 def every_layer_model(estimator):
-    """One model holding every layer type × kernel quantizer, all with ``estimator``."""
+    """One model holding every layer type × kernel quantizer, all with ``estimator``
+    (input quantizers too, unless it is a whole-tensor estimator: those are refused there)."""
     inp = keras.Input((6, 6, 2))
     outs = []
+    whole_tensor = getattr(estimators.get(estimator), "whole_tensor", False)
     for qname, make in QUANTIZERS.items():
-        iq = INPUT_QUANTIZERS[qname]
+        iq = (lambda est: None) if whole_tensor else INPUT_QUANTIZERS[qname]
         a = kquant.QuantConv2D(3, 3, kernel_quantizer=make(estimator),
                                input_quantizer=iq(estimator))(inp)
         b = kquant.QuantDepthwiseConv2D(3, kernel_quantizer=make(estimator),
