@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from keras import ops
 
-from kquant.alq import ALQ, ALQActivation, ALQConv2D, ALQDense, alq_layers, fit_pipeline
+from alq_toys import toy_data, toy_model
+from kquant.alq import ALQ, ALQDense, alq_layers, fit_pipeline
 from kquant.alq.layers import bases_dtype
 
 
@@ -13,21 +14,8 @@ def _np(v):
     return np.asarray(ops.convert_to_numpy(v), dtype=np.float64)
 
 
-def _data(n=64):
-    rng = np.random.default_rng(0)
-    x = rng.random((n, 6, 6, 2)).astype("float32")
-    y = (x[:, :3].mean(axis=(1, 2, 3)) > x[:, 3:].mean(axis=(1, 2, 3))).astype("int32")
-    return x, y
-
-
-def _model():
-    inputs = keras.Input((6, 6, 2))
-    h = ALQConv2D(4, 3, padding="same", activation="relu", max_bits=3,
-                  kernel_initializer=keras.initializers.GlorotUniform(seed=1))(inputs)
-    h = keras.layers.Flatten()(h)
-    out = ALQDense(2, max_bits=3, group=16, input_quantizer=ALQActivation(2),
-                   kernel_initializer=keras.initializers.GlorotUniform(seed=2))(h)
-    return keras.Model(inputs, out)
+_data = toy_data
+_model = toy_model
 
 
 def _compile(model):

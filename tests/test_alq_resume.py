@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from keras import ops
 
-from kquant.alq import ALQActivation, ALQConv2D, ALQDense, fit_pipeline
+from alq_toys import toy_data, toy_model
+from kquant.alq import fit_pipeline
 
 KW = dict(batch_size=32, rounds=2, prune_epochs=1, bases_epochs=1, coordinates_epochs=1,
           bases_lr=1e-2, coordinates_lr=1e-2, ratio=0.6, verbose=0, shuffle=False)
@@ -13,20 +14,10 @@ ROUND_1_EPOCHS = 3
 
 
 def _data():
-    rng = np.random.default_rng(0)
-    x = rng.random((96, 6, 6, 2)).astype("float32")
-    y = (x[:, :3].mean(axis=(1, 2, 3)) > x[:, 3:].mean(axis=(1, 2, 3))).astype("int32")
-    return x, y
+    return toy_data(96)
 
 
-def _model():
-    inputs = keras.Input((6, 6, 2))
-    h = ALQConv2D(4, 3, padding="same", activation="relu", max_bits=3,
-                  kernel_initializer=keras.initializers.GlorotUniform(seed=1))(inputs)
-    h = keras.layers.Flatten()(h)
-    out = ALQDense(2, max_bits=3, group=16, input_quantizer=ALQActivation(2),
-                   kernel_initializer=keras.initializers.GlorotUniform(seed=2))(h)
-    return keras.Model(inputs, out)
+_model = toy_model
 
 
 class _Interrupt(keras.callbacks.Callback):
