@@ -1,6 +1,6 @@
 """Native deploy format for ALQ models: bit-packed bases, coordinates and masks;
-bit-identical predictions; sizes against ALQ Eq. 26. (Not in the torch core: ALQ
-layers are TensorFlow/JAX, like the ALQ tests.)"""
+bit-identical predictions; sizes against ALQ Eq. 26; ALQ trains, saves and
+exports on every backend (int8 bases; bfloat16 on JAX)."""
 
 import keras
 import numpy as np
@@ -9,6 +9,8 @@ from keras import ops
 
 import kquant
 from kquant import deploy
+
+pytestmark = pytest.mark.core
 
 
 def _data(n=8):
@@ -64,3 +66,30 @@ def test_alq_storage_report_matches_eq26(tmp_path):
     total = report["total"]
     assert total["file_bytes"] == (tmp_path / "alq.npz").stat().st_size
     assert "Eq. 26" in deploy.format_alq_storage(report)
+
+
+def test_alq_trains_saves_and_exports_on_every_backend(tmp_path):
+    """Issue #8: int8 bases are a non-trainable variable the ALQ optimizer assigns (torch
+    refuses gradients on integers); JAX keeps trainable bfloat16 bases (its stateless step
+    writes back only trainable and optimizer variables)."""
+    from kquant.alq.layers import bases_dtype
+
+    model = keras.Sequential([keras.Input((8,)), kquant.alq.ALQDense(4, max_bits=3, group=4)])
+    layer = model.layers[0]
+    jax = keras.backend.backend() == "jax"
+    assert layer.bases.dtype == bases_dtype() == ("bfloat16" if jax else "int8")
+    assert any(v is layer.bases for v in model.trainable_variables) == jax
+    model.compile(kquant.optimizers.ALQ(learning_rate=0.01, phase="bases"), "mse")
+    rng = np.random.default_rng(0)
+    x, y = rng.random((32, 8)).astype("float32"), rng.random((32, 4)).astype("float32")
+    before_bases = ops.convert_to_numpy(ops.cast(layer.bases, "float32"))
+    before = model.evaluate(x, y, verbose=0)
+    model.fit(x, y, epochs=5, batch_size=8, verbose=0)
+    assert model.evaluate(x, y, verbose=0) < before
+    after_bases = ops.convert_to_numpy(ops.cast(layer.bases, "float32"))
+    assert np.any(after_bases != before_bases) and set(np.unique(after_bases)) <= {-1.0, 1.0}
+    model.save(tmp_path / "m.keras")
+    reloaded = keras.saving.load_model(tmp_path / "m.keras")
+    _assert_same_predictions(model, reloaded, x)
+    deploy.export_weights(model, tmp_path / "m.npz")
+    _assert_same_predictions(model, deploy.load_inference_model(tmp_path / "m.npz"), x)

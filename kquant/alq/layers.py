@@ -1,8 +1,7 @@
 """ALQ layers: the kernel is ``ŵ_g = B_g α_g`` per group, no latent float weights.
 
 State (fixed shapes, so training compiles): ``bases`` ``[G, n, I_max]`` (±1,
-stored as ``int8``, or ``bfloat16`` on JAX, whose autodiff only accepts
-floating variables; see :func:`bases_dtype`),
+stored as ``int8``, or ``bfloat16`` on JAX; see :func:`bases_dtype`),
 ``coordinates`` ``[G, I_max]`` (α ≥ 0), ``mask`` ``[G, I_max]`` (1 = active
 basis; a group's bitwidth ``I_g`` is its number of active slots, 0 removes the
 group). The forward kernel is ``Σ_i B_i α_i mask_i`` reshaped to the Keras
@@ -13,9 +12,10 @@ levels exact; the layer does not autocast its state).
 ``kernel_tap`` is a zero-valued trainable variable of the kernel's shape whose
 only role is to receive ``∂ℓ/∂ŵ`` from autodiff: the ALQ optimizer
 (:class:`kquant.optimizers.ALQ`) reads it and updates ``bases``,
-``coordinates`` and ``mask``; the tap itself never moves. The state variables
-are ``trainable=True`` with their autodiff gradient cut, because JAX's
-stateless training step only writes back trainable and optimizer variables.
+``coordinates`` and ``mask``; the tap itself never moves. ``coordinates`` and
+``mask`` are ``trainable=True`` with their autodiff gradient cut, because JAX's
+stateless training step only writes back trainable and optimizer variables;
+the bases are trainable on JAX only (see :func:`bases_trainable`).
 The optimizer recognises these variables by the tag :data:`ALQ_ROLE` that
 :meth:`ALQLayer.build` sets on them (``"tap"`` or ``"state"``).
 """
@@ -43,14 +43,25 @@ def _tag(variable, role, layer):
 def bases_dtype() -> str:
     """Backend seam: the storage dtype of the ±1 bases.
 
-    ``int8`` where a trainable integer variable is allowed (TensorFlow, torch);
-    ``bfloat16`` on JAX, whose ``grad`` refuses integer inputs and whose
-    ``LossScaleOptimizer`` cannot divide a float8 (zero) gradient by its
-    float32 scale (±1 are exact in all three). The bases are trainable only so
-    that JAX's stateless step writes the optimizer's assignments back; their
-    autodiff gradient is cut. Saved files hold them as int8 on every backend.
+    ``int8`` on TensorFlow and torch, where the bases are a non-trainable
+    variable that the optimizer writes with ``assign``. ``bfloat16`` on JAX:
+    there the bases must be trainable (Keras' stateless JAX step writes back
+    only trainable and optimizer variables, so an optimizer ``assign`` to a
+    non-trainable variable is lost), and ``jax.grad`` refuses integer inputs;
+    float8 is no option either (``LossScaleOptimizer`` cannot divide a float8
+    zero gradient by its float32 scale). ±1 are exact in all of them, and
+    saved files hold the bases as int8 on every backend.
     """
     return "bfloat16" if keras.backend.backend() == "jax" else "int8"
+
+
+def bases_trainable() -> bool:
+    """Backend seam: whether the bases variable is trainable (JAX only; see :func:`bases_dtype`).
+
+    torch refuses ``requires_grad`` on an integer tensor, so an int8 base
+    cannot be a trainable variable there; TensorFlow follows the same rule.
+    """
+    return keras.backend.backend() == "jax"
 
 
 def _as_int8(variable):
@@ -101,7 +112,7 @@ class ALQLayer(keras.layers.Layer):
         self.layout = group_lib.GroupLayout(shape, self.group, f"layer {self.name!r}")
         g, n, bits = self.layout.num_groups, self.layout.group_size, self.max_bits
         self.bases = self.add_weight(name="bases", shape=(g, n, bits), initializer="ones",
-                                     dtype=bases_dtype())
+                                     dtype=bases_dtype(), trainable=bases_trainable())
         self.coordinates = self.add_weight(name="coordinates", shape=(g, bits), initializer="zeros")
         self.mask = self.add_weight(name="mask", shape=(g, bits), initializer="zeros")
         self.kernel_tap = self.add_weight(name="kernel_tap", shape=shape, initializer="zeros")
@@ -134,15 +145,25 @@ class ALQLayer(keras.layers.Layer):
         self.coordinates.assign(alpha)
         self.mask.assign(mask)
 
+    def _stored_variables(self):
+        """Variables in file order: creation order on every backend (the bases'
+        trainability differs between backends, so Keras' trainable-first order would not)."""
+        own = [self.bases, self.coordinates, self.mask, self.kernel_tap]
+        if self.bias is not None:
+            own.append(self.bias)
+        rest = [v for v in self._trainable_variables + self._non_trainable_variables
+                if not any(v is o for o in own)]
+        return own + rest
+
     def save_own_variables(self, store):
         # The ±1 bases are written as int8 on every backend (bfloat16 is no HDF5 type),
         # so a file saved on one backend loads on another.
-        for i, v in enumerate(self._trainable_variables + self._non_trainable_variables):
+        for i, v in enumerate(self._stored_variables()):
             store[f"{i}"] = _as_int8(v) if v is self.bases else v
 
     def load_own_variables(self, store):
         self._check_load_own_variables(store)
-        for i, v in enumerate(self._trainable_variables + self._non_trainable_variables):
+        for i, v in enumerate(self._stored_variables()):
             value = store[f"{i}"]
             if v is self.bases:
                 value = ops.cast(np.asarray(value, dtype=np.float32), v.dtype)

@@ -20,7 +20,10 @@ kernel of :mod:`kquant.deploy.xnor` (numba, one thread, input packing
 included), exact integer results checked. Physical bound: one 64-bit
 XOR + popcount does 64 binary MACs; against AVX2 FMA (2 × 8 float32 MACs per
 cycle) that is 4× when compute-bound, and weights are 32× smaller when
-memory-bound (batch 1).
+memory-bound (batch 1). The same for one binary 3×3 ``same`` Conv2D of
+``H×W×C → F``: float32 im2col + BLAS vs input packing + the XNOR/popcount
+convolution (:func:`kquant.deploy.xnor.binary_conv2d`, implicit im2col over
+packed pixel words, zero padding skipped), exact integers checked.
 Options: ``rounds`` (timing repetitions).
 """
 
@@ -37,6 +40,8 @@ from kquant.benchmarks.common import Result, require, set_seed
 
 XNOR_SIZES = {"tiny": [(256, 256)], "quick": [(256, 256), (1024, 1024), (4096, 4096)],
               "full": [(256, 256), (1024, 1024), (4096, 4096), (8192, 8192)]}
+XNOR_CONV_SIZES = {"tiny": [(8, 64, 64)], "quick": [(16, 64, 64), (8, 256, 256)],
+                   "full": [(16, 64, 64), (8, 256, 256), (32, 128, 128)]}
 COLUMNS = ["section", "variant", "runtime", "file_kb", "size_vs_float", "batch", "latency_ms",
            "latency_vs_float", "max_abs_diff", "argmax_agree"]
 
@@ -204,6 +209,44 @@ def _xnor_rows(cfg, rounds):
                                  "latency_vs_float": times[name] / times["float"],
                                  "exact": exact,
                                  "gmacs": batch * k * n / times[name] / 1e9})
+        for size, c, f in XNOR_CONV_SIZES[cfg.scale]:
+            rows += _xnor_conv_rows(rng, size, c, f, rounds)
+    return rows
+
+
+def _xnor_conv_rows(rng, size, c, f, rounds):
+    from kquant.deploy import xnor
+
+    kernel = rng.standard_normal((3, 3, c, f)).astype(np.float32)
+    w_sign = np.where(kernel >= 0, 1.0, -1.0).astype(np.float32)
+    w_matrix = w_sign.reshape(-1, f)
+    packed = xnor.pack_conv_kernel(kernel)
+    rows = []
+    for batch in (1, 64):
+        x = rng.standard_normal((batch, size, size, c)).astype(np.float32)
+        x_sign = np.where(x >= 0, 1.0, -1.0).astype(np.float32)
+
+        def float_conv():
+            patches = xnor.im2col(x_sign, (3, 3), (1, 1), "same")
+            return (patches.reshape(-1, w_matrix.shape[0]) @ w_matrix).reshape(
+                patches.shape[:3] + (f,))
+
+        def binary_conv():
+            return xnor.binary_conv2d(x, packed, (1, 1), "same")
+
+        exact = np.array_equal(binary_conv(), float_conv().astype(np.int32))
+        times = _interleaved({"float": float_conv, "xnor": binary_conv}, rounds)
+        macs = batch * size * size * 9 * c * f
+        for name in ("float", "xnor"):
+            nbytes = 4 * kernel.size if name == "float" else packed.nbytes
+            rows.append({"section": "xnor",
+                         "variant": f"conv3x3 {size}x{size}x{c}→{f} {name}",
+                         "runtime": "numpy im2col+BLAS" if name == "float"
+                         else "numba popcount",
+                         "file_kb": nbytes / 1024, "size_vs_float": nbytes / (4 * kernel.size),
+                         "batch": batch, "latency_ms": 1e3 * times[name],
+                         "latency_vs_float": times[name] / times["float"],
+                         "exact": exact, "gmacs": macs / times[name] / 1e9})
     return rows
 
 
