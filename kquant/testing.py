@@ -128,3 +128,78 @@ def run_on_two_jax_devices(script: str, timeout: int = 600):
            "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count=2".strip()}
     return subprocess.run([sys.executable, "-c", _TWO_JAX_DEVICES + textwrap.dedent(script)],
                           capture_output=True, text=True, env=env, timeout=timeout)
+
+
+_REPLICA_CONTEXTS = {
+    "mirrored": """
+import contextlib, tensorflow as tf
+STRATEGY = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])  # one: collective keys are per strategy
+NREP = STRATEGY.num_replicas_in_sync
+REPLICAS = STRATEGY.scope
+ONE = contextlib.nullcontext
+JIT = False   # MirroredStrategy cannot jit_compile (XLA cannot place its per-device variables)
+""",
+    "data_parallel": """
+import contextlib, keras
+DP = keras.distribution.distribution()
+NREP = len(DP.device_mesh.devices.ravel())
+keras.distribution.set_distribution(None)
+@contextlib.contextmanager
+def REPLICAS():
+    keras.distribution.set_distribution(DP)
+    try:
+        yield
+    finally:
+        keras.distribution.set_distribution(None)
+ONE = contextlib.nullcontext
+JIT = True
+""",
+}
+
+
+def run_replicated(script: str, strategy: str, timeout: int = 600):
+    """Run ``script`` in a fresh process for a one-device vs two-replica comparison.
+
+    ``strategy`` is ``"mirrored"`` (TensorFlow ``MirroredStrategy`` on 2 logical
+    CPUs) or ``"data_parallel"`` (JAX ``keras.distribution.DataParallel`` on 2 host
+    devices). The script sees ``REPLICAS()`` (a context: build/train on both
+    replicas), ``ONE()`` (one device), ``NREP`` (replica count) and ``JIT``
+    (whether ``jit_compile=True`` works under the strategy).
+    """
+    runners = {"mirrored": run_on_two_cpus, "data_parallel": run_on_two_jax_devices}
+    if strategy not in runners:
+        raise ValueError(f"strategy must be one of {sorted(runners)}, got {strategy!r}")
+    import textwrap
+
+    return runners[strategy](_REPLICA_CONTEXTS[strategy] + textwrap.dedent(script), timeout=timeout)
+
+
+def json_result(proc):
+    """The object a subprocess printed on its ``JSON{...}`` line; fails with its stderr tail."""
+    import json
+
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("JSON")), None)
+    assert proc.returncode == 0 and line, proc.stderr[-4000:]
+    return json.loads(line[4:])
+
+
+def pytest_collection_modifyitems(config, items):
+    """pytest hook for kquant's and its plugins' ``conftest.py`` (import it there):
+    tests marked ``tf_only`` are skipped on any other backend."""
+    import pytest
+
+    backend = keras.backend.backend()
+    skip = pytest.mark.skip(reason=f"needs the TensorFlow backend (running {backend})")
+    for item in items:
+        if "tf_only" in item.keywords and backend != "tensorflow":
+            item.add_marker(skip)
+
+
+def fresh_state(*registries, seed: int = 1234):
+    """Per-test reset for conftest fixtures: reload the given plugin registries (a
+    package may have been installed after kquant was first imported), then seed
+    Keras and NumPy."""
+    for registry in registries:
+        registry.reload()
+    keras.utils.set_random_seed(seed)
+    np.random.seed(seed)

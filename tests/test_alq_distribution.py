@@ -126,6 +126,7 @@ def test_mirrored_pipeline_equals_one_device(tmp_path):
         _compare(single, json.load(f))
 
 
+@pytest.mark.distributed
 @pytest.mark.skipif(BACKEND != "jax", reason="runs in the JAX pass of the suite")
 def test_jax_data_parallel_pipeline_equals_one_device(tmp_path):
     single = _reference(tmp_path, "jax", "jax")

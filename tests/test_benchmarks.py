@@ -56,6 +56,7 @@ def tiny_run(tmp_path_factory):
     return run
 
 
+@pytest.mark.slow  # on JAX, the data_parallel run of every benchmark covers this
 @pytest.mark.parametrize("name", benchmarks.names())
 def test_benchmark_runs_end_to_end_at_tiny_scale(name, tiny_run):
     cfg, result, folder = tiny_run(name)
@@ -73,6 +74,7 @@ def test_benchmark_runs_end_to_end_at_tiny_scale(name, tiny_run):
         assert (folder / "plot.png").read_bytes()[:8] == PNG_MAGIC
 
 
+@pytest.mark.slow  # on JAX, the data_parallel run of every benchmark covers this
 def test_estimators_trains_every_chosen_estimator_from_the_same_start(tiny_run):
     _, result, _ = tiny_run("estimators")
     rows = {r["estimator"]: r for r in result.rows}
@@ -103,6 +105,7 @@ def test_estimators_trains_every_chosen_estimator_from_the_same_start(tiny_run):
         assert row["time_vs_float"] == pytest.approx(row["step_ms"] / rows["float"]["step_ms"])
 
 
+@pytest.mark.slow  # on JAX, the data_parallel run of every benchmark covers this
 def test_overhead_times_every_variant_against_its_float_layer(tiny_run):
     _, result, _ = tiny_run("overhead")
     from kquant.benchmarks import overhead

@@ -73,6 +73,7 @@ def test_benchmark_runs_under_mirrored_strategy(mirrored_run, name):
     _check(mirrored_run, name, "mirrored")
 
 
+@pytest.mark.distributed
 @pytest.mark.skipif(BACKEND != "jax", reason="the data_parallel run belongs to the JAX pass")
 @pytest.mark.parametrize("name", NAMES)
 def test_benchmark_runs_under_jax_data_parallel(data_parallel_run, name):

@@ -229,6 +229,7 @@ def test_bop_routing_under_mirrored_strategy_matches_one_device():
     _check_distributed(run_on_two_cpus(script, timeout=300))
 
 
+@pytest.mark.distributed
 @pytest.mark.skipif(BACKEND != "jax", reason="runs in the JAX pass of the suite")
 def test_bop_routing_under_jax_data_parallel_matches_one_device():
     from kquant.testing import run_on_two_jax_devices

@@ -10,14 +10,12 @@ the replicas (:mod:`kquant.distribute`), so they, the weights and the
 predictions agree within float tolerance.
 """
 
-import json
-
 import keras
 import numpy as np
 import pytest
 
 from kquant import distribute
-from kquant.testing import run_on_two_cpus, run_on_two_jax_devices
+from kquant.testing import json_result, run_on_two_cpus, run_replicated
 
 BACKEND = keras.backend.backend()
 
@@ -103,46 +101,15 @@ for entry in ENTRIES:
 print("JSON" + json.dumps(out))
 """
 
-_MIRRORED = """
-import contextlib, tensorflow as tf
-STRATEGY = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-NREP = STRATEGY.num_replicas_in_sync
-REPLICAS = STRATEGY.scope
-ONE = contextlib.nullcontext
-JIT = False   # MirroredStrategy does not support jit_compile
-"""
-
-_DATA_PARALLEL = """
-import contextlib, keras
-DP = keras.distribution.distribution()
-NREP = len(DP.device_mesh.devices.ravel())
-keras.distribution.set_distribution(None)
-@contextlib.contextmanager
-def REPLICAS():
-    keras.distribution.set_distribution(DP)
-    try:
-        yield
-    finally:
-        keras.distribution.set_distribution(None)
-ONE = contextlib.nullcontext
-JIT = True
-"""
-
-
-def _parse(proc):
-    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("JSON")), None)
-    assert proc.returncode == 0 and line, proc.stderr[-4000:]
-    return json.loads(line[4:])
-
 
 @pytest.fixture(scope="module")
 def mirrored_matrix():
-    return _parse(run_on_two_cpus(_MIRRORED + _SCENARIOS, timeout=900))
+    return json_result(run_replicated(_SCENARIOS, "mirrored", timeout=900))
 
 
 @pytest.fixture(scope="module")
 def data_parallel_matrix():
-    return _parse(run_on_two_jax_devices(_DATA_PARALLEL + _SCENARIOS, timeout=900))
+    return json_result(run_replicated(_SCENARIOS, "data_parallel", timeout=900))
 
 
 def _check(result):
@@ -168,6 +135,7 @@ def test_mirrored_strategy_equals_one_device(mirrored_matrix, entry):
 
 
 @pytest.mark.slow
+@pytest.mark.distributed
 @pytest.mark.skipif(BACKEND != "jax", reason="JAX DataParallel entries run on the JAX pass")
 @pytest.mark.parametrize("entry", ENTRIES)
 def test_jax_data_parallel_equals_one_device(data_parallel_matrix, entry):

@@ -5,12 +5,10 @@ TF: MirroredStrategy on 2 logical CPUs; JAX: keras.distribution.DataParallel on 
 host devices (with jit_compile). One subprocess per strategy prints JSON.
 """
 
-import json
-
 import keras
 import pytest
 
-from kquant.testing import run_on_two_cpus, run_on_two_jax_devices
+from kquant.testing import json_result, run_replicated
 
 _SCRIPT = r"""
 import json, numpy as np, keras, kquant
@@ -56,36 +54,8 @@ out["stochastic_finite"] = bool(np.isfinite(ps).all())
 print("JSON" + json.dumps(out))
 """
 
-_MIRRORED = """
-import contextlib, tensorflow as tf
-STRATEGY = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-assert STRATEGY.num_replicas_in_sync == 2
-REPLICAS = STRATEGY.scope
-ONE = contextlib.nullcontext
-JIT = False   # MirroredStrategy does not support jit_compile
-"""
-
-_DATA_PARALLEL = """
-import contextlib, keras
-DP = keras.distribution.distribution()
-assert len(DP.device_mesh.devices.ravel()) == 2
-keras.distribution.set_distribution(None)
-@contextlib.contextmanager
-def REPLICAS():
-    keras.distribution.set_distribution(DP)
-    try:
-        yield
-    finally:
-        keras.distribution.set_distribution(None)
-ONE = contextlib.nullcontext
-JIT = True
-"""
-
-
 def _check(proc):
-    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("JSON")), None)
-    assert proc.returncode == 0 and line, proc.stderr[-4000:]
-    out = json.loads(line[4:])
+    out = json_result(proc)
     assert out["weight_diff"] < 1e-4, out
     assert out["pred_diff"] < 1e-3, out
     assert out["stochastic_finite"] and out["stochastic_loss"][-1] < out["stochastic_loss"][0], out
@@ -94,10 +64,11 @@ def _check(proc):
 @pytest.mark.slow
 @pytest.mark.tf_only
 def test_new_quantizers_under_mirrored_strategy():
-    _check(run_on_two_cpus(_MIRRORED + _SCRIPT, timeout=600))
+    _check(run_replicated(_SCRIPT, "mirrored"))
 
 
 @pytest.mark.slow
+@pytest.mark.distributed
 @pytest.mark.skipif(keras.backend.backend() != "jax", reason="runs on the JAX pass")
 def test_new_quantizers_under_jax_data_parallel():
-    _check(run_on_two_jax_devices(_DATA_PARALLEL + _SCRIPT, timeout=600))
+    _check(run_replicated(_SCRIPT, "data_parallel"))
