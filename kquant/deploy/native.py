@@ -18,6 +18,12 @@ tensor, and the SHA-256 of every other array. Arrays are named
 
 ``levels`` are read from the training forward pass itself, so the decoded
 kernel is bit-identical to the one the training model uses in inference mode.
+Under mixed precision they are the quantizer's float32 levels, before the cast
+to the layer's compute dtype: the deployed layer applies the same cast (its
+autocast) where the trained layer did, and reads the kernel in float32 where
+the quantizer kept float32 (more bits than the compute dtype holds; see
+:mod:`kquant.quantizers.base`), so it runs the same operations in the same
+dtypes (a 16-bit kernel under ``mixed_bfloat16`` stays float32, as in training).
 Loading validates everything and raises :class:`DeployFormatError` naming the
 array; a file is never loaded into a silently different model.
 """
@@ -36,6 +42,7 @@ from keras import ops
 from kquant import quantizers
 from kquant.deploy.packing import pack_codes, packed_size, padding_is_zero, unpack_codes
 from kquant.deploy.paths import structure
+from kquant.quantizers.base import _autocast_seam, exact_dtype
 
 FORMAT = "kquant-deploy"
 VERSION = 2
@@ -50,7 +57,8 @@ class DeployFormatError(ValueError):
 def _reference_levels(quantizer, params, rank, bits):
     """``[C or 1, 2^bits]``: the quantizer's ``decode`` of every code with ``params``."""
     grid = np.arange(2**bits).reshape((2**bits,) + (1,) * (rank - 1))
-    decoded = np.asarray(ops.convert_to_numpy(quantizer.decode(grid, params)), np.float64)
+    decoded = np.asarray(ops.convert_to_numpy(quantizer.decode(grid, params, "float32")),
+                         np.float64)
     return decoded.reshape(2**bits, -1).T
 
 
@@ -89,6 +97,21 @@ def _close(a, b):
 
 
 # -- export --------------------------------------------------------------------
+def _float32_kernel(layer):
+    """The layer's inference kernel before any cast to its compute dtype (the
+    quantizer's float32 levels; its output dtype rule then sees float32)."""
+    autocast_scope, _ = _autocast_seam()
+    with autocast_scope("float32"):
+        return layer.quantized_kernel(training=False)
+
+
+def _keeps_float32(layer, bits):
+    """Whether the trained ``layer`` uses its ``bits``-bit kernel in float32 though it
+    computes in a narrower dtype (the levels would not survive the cast)."""
+    compute = keras.backend.standardize_dtype(layer.compute_dtype)
+    return compute != "float32" and exact_dtype(bits, compute) == "float32"
+
+
 def _inference_config(config):
     """Model config with every kernel quantizer removed (kernels arrive decoded)."""
     if isinstance(config, dict):
@@ -146,7 +169,7 @@ def build_export(model):
         if isinstance(layer, QuantizedLayerMixin) and layer.kernel_quantizer is not None:
             q = layer.kernel_quantizer
             kernel = layer.latent_kernel
-            values = ops.convert_to_numpy(layer.quantized_kernel(training=False))
+            values = ops.convert_to_numpy(_float32_kernel(layer))
             codes, params = q.encode(kernel)
             bits = int(q.precision)
             levels, axis = level_table(codes, values, bits)
@@ -368,12 +391,14 @@ def _validate_entry(entry, arrays, path):
 
 def load_inference_model(path):
     """The inference model stored by :func:`export_weights` (predictions bit-identical)."""
+    from kquant.deploy import folding  # noqa: F401 - registers BinaryThreshold (folded BN)
+
     manifest, arrays = read_file(path)
     try:
         model = keras.models.model_from_json(json.dumps(manifest["model_config"]))
     except Exception as e:  # noqa: BLE001
         _fail(path, f"array {MANIFEST!r}: model_config cannot be rebuilt ({type(e).__name__}: {e}).")
-    variables, _ = structure(model)
+    variables, layers = structure(model)
     assigned = set()
     for entry in manifest["entries"]:
         p, kind = entry["path"], entry["kind"]
@@ -390,6 +415,9 @@ def load_inference_model(path):
             codes = unpack_codes(arrays[f"{p}:codes"], int(entry["bits"]), shape)
             value = decode_table(codes, arrays[f"{p}:levels"], entry["channel_axis"])
             _assign(variables[p], value, f"{p}:codes", path)
+            layer = layers.get(p.rsplit("/", 1)[0])
+            if layer is not None and _keeps_float32(layer, int(entry["bits"])):
+                _never_autocast(variables[p])
         elif kind == "float":
             _assign(variables[p], arrays[f"{p}:value"], f"{p}:value", path)
         else:
@@ -410,6 +438,12 @@ def load_inference_model(path):
         _fail(path, f"no stored array for the model variable at path {unset[0]!r} "
                     f"(expected array {unset[0] + ':value'!r}).")
     return model
+
+
+def _never_autocast(variable):
+    """Read ``variable`` in its own dtype inside its layer's autocast scope, as the
+    trained layer read its float32 kernel (Keras' variable flag; one seam)."""
+    variable._autocast = False
 
 
 def _assign(variable, value, name, path):

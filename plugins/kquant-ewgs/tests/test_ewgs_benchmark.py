@@ -36,8 +36,10 @@ def test_same_start_keeps_each_rows_delta():
 
 
 @pytest.mark.slow
-@pytest.mark.tf_only  # on JAX the tiny run's fixed-δ loss equals STE's to the last bit: open, see the issue note
 def test_tiny_run_rows_trained_their_labelled_delta(tmp_path):
+    """Every row trains its own δ. Judged on the weights, not the loss: at tiny scale
+    (4 steps) fixed δ = 1e-3 moves the latent weights (~1e-4) without flipping a
+    quantized level, so on JAX the loss equals STE's to the last bit."""
     from kquant.benchmarks.common import BenchConfig
 
     result = bench.run(BenchConfig(tiny=True, batch_size=64, seed=0, out_dir=str(tmp_path)))
@@ -45,6 +47,6 @@ def test_tiny_run_rows_trained_their_labelled_delta(tmp_path):
     assert set(rows) == set(bench.VARIANTS)
     assert rows["ste"]["delta_trained"] == [0.0]
     assert rows["ewgs_fixed_1e-3"]["delta_trained"] == [pytest.approx(1e-3)]
-    assert rows["ewgs_fixed_1e-3"]["test_loss"] != rows["ste"]["test_loss"]   # not STE again
+    assert rows["ewgs_fixed_1e-3"]["weights_distance_to_ste"] > 1e-6   # not STE again
     assert rows["ewgs_adaptive"]["delta_refreshes"] >= 1
     assert result.meta["delta_refresh"]["samples"] >= 1

@@ -1,11 +1,13 @@
 """EWGS estimator and quantizer: exact gradients against the paper's formulas."""
 
+import keras
 import numpy as np
 import pytest
 from kquant.testing import grad
 from keras import ops
 
 import kquant
+from kquant.estimators.ste import STE
 from kquant_ewgs import EWGS, EWGSQuantizer
 
 pytestmark = pytest.mark.core  # backend-agnostic core: also run on torch
@@ -48,6 +50,13 @@ def test_gradient_equals_paper_formula_elementwise(kind, bits):
     assert np.max(np.abs(expected - ste)) > 1e-3
 
 
+class _GenericSTE(STE):
+    """STE without the quantizers' fused path."""
+
+    def fused_slope(self):
+        return None
+
+
 @pytest.mark.parametrize("quantizer", [
     lambda est: EWGSQuantizer(2, estimator=est),
     lambda est: EWGSQuantizer(3, kind="activation", estimator=est),
@@ -56,10 +65,12 @@ def test_gradient_equals_paper_formula_elementwise(kind, bits):
     lambda est: kquant.quantizer("sign", estimator=est),
 ])
 def test_delta_zero_is_exactly_ste(quantizer):
+    """Same backward rule as STE on the generic path (a quantizer's fused one-pass STE
+    backward, e.g. DoReFa's, may round differently in the last bit)."""
     rng = np.random.default_rng(0)
     x = rng.normal(size=(40, 6)).astype("float32") * 1.5
     c = rng.normal(size=x.shape).astype("float32")
-    q_ewgs, q_ste = quantizer(EWGS(delta=0.0)), quantizer("ste")
+    q_ewgs, q_ste = quantizer(EWGS(delta=0.0)), quantizer(_GenericSTE())
     _, (g_ewgs,) = grad(lambda t: ops.sum(ops.multiply(q_ewgs(t), c)), x)
     _, (g_ste,) = grad(lambda t: ops.sum(ops.multiply(q_ste(t), c)), x)
     np.testing.assert_array_equal(g_ewgs, g_ste)
@@ -81,6 +92,62 @@ def test_staircase_form_on_sign_and_uniform():
         g_q = c * scale
         g_z = g_q * (1 + delta * np.sign(g_q) * (np.clip(z, lo, hi) - zq) / (hi - lo))
         np.testing.assert_allclose(g, g_z / scale, rtol=1e-5, atol=1e-6)
+
+
+class _Probe(keras.layers.Layer):
+    """``Σ c·Q(W)`` per example: with loss = its mean, one SGD(1) step is
+    ``W −= ∂/∂W Σ c·Q(W)``."""
+
+    def __init__(self, quantizer, w0, c, **kwargs):
+        super().__init__(**kwargs)
+        self.quantizer, self.w0, self.c = quantizer, w0, c
+
+    def build(self, input_shape):
+        self.w = self.add_weight(shape=self.w0.shape,
+                                 initializer=keras.initializers.Constant(self.w0))
+
+    def call(self, x):
+        c = ops.convert_to_tensor(self.c)
+        return ops.zeros_like(x) + ops.sum(self.quantizer(self.w) * c)
+
+
+def test_compiled_train_step_applies_the_current_delta():
+    """In ``fit``'s compiled train step on every backend, EWGS's weight gradient is STE's
+    plus exactly ``g·δ·sign(g)·(clip(w) − q)/2`` (sign: levels ±1, hi − lo = 2), and a δ
+    assigned between steps (as DeltaUpdate does) is the one the next step uses, not a
+    value captured when the step was traced."""
+    rng = np.random.default_rng(5)
+    w0 = (rng.normal(size=(64,)) * 1.5).astype("float32")
+    c = rng.normal(size=(64,)).astype("float32")
+    batch = np.zeros((2, 1), "float32")
+
+    def train(estimator, deltas):
+        model = keras.Sequential([keras.Input((1,)),
+                                  _Probe(kquant.quantizer("sign", estimator=estimator), w0, c)])
+        model.compile(optimizer=keras.optimizers.SGD(1.0), loss=lambda y, p: ops.mean(p))
+        ws = [w0]
+        for delta in deltas:
+            if delta is not None:
+                model.layers[0].quantizer.estimator.delta.assign(delta)
+            model.train_on_batch(batch, batch)
+            ws.append(ops.convert_to_numpy(model.layers[0].w))
+        return ws
+
+    def ewgs_step(w, delta):
+        q = np.where(w >= 0, 1.0, -1.0)
+        return w - c * (1.0 + delta * np.sign(c) * (np.clip(w, -1.0, 1.0) - q) / 2.0)
+
+    deltas = [0.5, 0.9, 0.0]                      # δ refreshed after each step
+    ewgs = train(EWGS(delta=0.5), [None, 0.9, 0.0])
+    ste = train("ste", [None, None, None])
+    for k, delta in enumerate(deltas):
+        np.testing.assert_allclose(ewgs[k + 1], ewgs_step(ewgs[k].astype("float64"), delta),
+                                   rtol=1e-6, atol=1e-6, err_msg=f"step {k + 1}")
+    # first step, same start: EWGS − STE is exactly the δ term, and it is not small
+    e = np.clip(w0, -1.0, 1.0) - np.where(w0 >= 0, 1.0, -1.0)
+    term = c * 0.5 * np.sign(c) * e / 2.0
+    np.testing.assert_allclose(ste[1] - ewgs[1], term, rtol=1e-5, atol=1e-6)
+    assert np.max(np.abs(term)) > 0.1
 
 
 def test_data_driven_interval_initialisation():
