@@ -9,7 +9,7 @@ import pytest
 from keras import ops
 
 import kquant
-from kquant.testing import run_on_two_cpus, run_on_two_jax_devices
+from kquant.testing import run_replicated
 from kquant_ewgs import EWGS, DeltaUpdate, EWGSDense, EWGSQuantizer
 
 BACKEND = keras.backend.backend()
@@ -132,7 +132,7 @@ X, Y = X[:128], Y[:128]
 for kind, module in (("ewgs", "kquant_ewgs"), ("wcg", "kquant_maniquant"), ("multifc", "kquant_metaquant")):
     if importlib.util.find_spec(module) is None:
         print("SKIP", kind); continue
-    with ONE_DEVICE():
+    with ONE():
         start, w1, p1 = train(kind)
     with REPLICAS():
         _, w2, p2 = train(kind, start)
@@ -144,36 +144,14 @@ for kind, module in (("ewgs", "kquant_ewgs"), ("wcg", "kquant_maniquant"), ("mul
     print("OK", kind, worst)
 """
 
-_TF = """
-import contextlib, tensorflow as tf
-JIT = False   # XLA cannot place MirroredStrategy's per-device variables (Keras' known issue)
-ONE_DEVICE = contextlib.nullcontext
-_MIRRORED = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])  # one: collective keys are per strategy
-REPLICAS = _MIRRORED.scope
-"""
-
-_JAX = """
-import contextlib, keras
-JIT = True
-_DP = keras.distribution.distribution()
-@contextlib.contextmanager
-def ONE_DEVICE():
-    keras.distribution.set_distribution(None)
-    try:
-        yield
-    finally:
-        keras.distribution.set_distribution(_DP)
-REPLICAS = contextlib.nullcontext
-"""
-
-
 @pytest.mark.tf_only
 def test_matrix_mirrored_strategy_equals_one_device():
-    out = run_on_two_cpus(_TF + _MATRIX, timeout=600)
+    out = run_replicated(_MATRIX, "mirrored")
     assert out.returncode == 0 and "OK ewgs" in out.stdout, out.stdout + out.stderr[-4000:]
 
 
+@pytest.mark.distributed
 @pytest.mark.skipif(BACKEND != "jax", reason="the JAX DataParallel entry runs with the JAX suite")
 def test_matrix_jax_data_parallel_equals_one_device():
-    out = run_on_two_jax_devices(_JAX + _MATRIX, timeout=600)
+    out = run_replicated(_MATRIX, "data_parallel")
     assert out.returncode == 0 and "OK ewgs" in out.stdout, out.stdout + out.stderr[-4000:]
