@@ -115,25 +115,32 @@ def binary_matmul(a_words, b_words, k):
     return _kernel()[0](a_words, b_words, np.int32(k))
 
 
+def _binary_layer(layer, kind):
+    """``(float kernel, scale per output, bias)`` of a sign/BWN-kernel, sign-input layer,
+    or a ``ValueError`` naming the layer and what it has."""
+    from keras import ops
+
+    from kquant.quantizers.sign import BWN, Sign
+
+    kq, iq = layer.kernel_quantizer, layer.input_quantizer
+    if not isinstance(kq, (Sign, BWN)) or type(iq) is not Sign:
+        raise ValueError(f"{kind} needs a sign/BWN `kernel_quantizer` and a sign "
+                         f"`input_quantizer`; layer {layer.name!r} has "
+                         f"{type(kq).__name__} and {type(iq).__name__}.")
+    kernel = np.asarray(ops.convert_to_numpy(layer.quantized_kernel(training=False)))
+    scale = np.abs(kernel).reshape(-1, kernel.shape[-1]).max(axis=0).astype(np.float32)
+    bias = (np.zeros(kernel.shape[-1], np.float32) if layer.bias is None
+            else np.asarray(ops.convert_to_numpy(layer.bias), np.float32))
+    return kernel, scale, bias
+
+
 class BinaryDense:
     """``y = (sign(x) · sign(W)) ⊙ scale + b`` for a binary ``QuantDense`` (inference only)."""
 
     def __init__(self, layer):
-        from keras import ops
-
-        from kquant.quantizers.sign import BWN, Sign
-
-        kq, iq = layer.kernel_quantizer, layer.input_quantizer
-        if not isinstance(kq, (Sign, BWN)) or type(iq) is not Sign:
-            raise ValueError(f"BinaryDense needs a sign/BWN `kernel_quantizer` and a sign "
-                             f"`input_quantizer`; layer {layer.name!r} has "
-                             f"{type(kq).__name__} and {type(iq).__name__}.")
-        kernel = np.asarray(ops.convert_to_numpy(layer.quantized_kernel(training=False)))
+        kernel, self.scale, self.bias = _binary_layer(layer, "BinaryDense")
         self.k = kernel.shape[0]
         self.weights = pack_signs(kernel.T)               # [N, W]
-        self.scale = np.abs(kernel).max(axis=0).astype(np.float32)  # ±scale per column
-        self.bias = (np.zeros(kernel.shape[1], np.float32) if layer.bias is None
-                     else np.asarray(ops.convert_to_numpy(layer.bias), np.float32))
         self.activation = layer.activation
 
     def __call__(self, x):
@@ -193,26 +200,14 @@ class BinaryConv2D:
     (channels_last, no dilation or groups; inference only)."""
 
     def __init__(self, layer):
-        from keras import ops
-
-        from kquant.quantizers.sign import BWN, Sign
-
-        kq, iq = layer.kernel_quantizer, layer.input_quantizer
-        if not isinstance(kq, (Sign, BWN)) or type(iq) is not Sign:
-            raise ValueError(f"BinaryConv2D needs a sign/BWN `kernel_quantizer` and a sign "
-                             f"`input_quantizer`; layer {layer.name!r} has "
-                             f"{type(kq).__name__} and {type(iq).__name__}.")
         if layer.data_format != "channels_last" or tuple(layer.dilation_rate) != (1, 1) \
                 or getattr(layer, "groups", 1) != 1:
             raise ValueError(f"BinaryConv2D supports channels_last, dilation 1, groups 1; "
                              f"layer {layer.name!r} differs.")
-        kernel = np.asarray(ops.convert_to_numpy(layer.quantized_kernel(training=False)))
+        kernel, self.scale, self.bias = _binary_layer(layer, "BinaryConv2D")
         self.strides = tuple(layer.strides)
         self.padding = layer.padding
         self.weights = pack_conv_kernel(kernel)
-        self.scale = np.abs(kernel).reshape(-1, kernel.shape[-1]).max(axis=0).astype(np.float32)
-        self.bias = (np.zeros(kernel.shape[-1], np.float32) if layer.bias is None
-                     else np.asarray(ops.convert_to_numpy(layer.bias), np.float32))
 
     def __call__(self, x):
         counts = binary_conv2d(x, self.weights, self.strides, self.padding)
