@@ -130,10 +130,11 @@ def test_training_and_export_under_mixed_precision(policy, bits0, tmp_path):
     # ... and compiled alike (XLA on TensorFlow and JAX)
     d.compile(jit_compile=m.jit_compile)
     same = np.array_equal(d.predict(x, verbose=0), m.predict(x, verbose=0))
-    if not same and keras.backend.backend() != "torch":
-        pytest.xfail("XLA rewrites DoReFa's arithmetic inside the trained program only: "
-                     "2q/(2^k-1) - 1 becomes q*fl(2/(2^k-1)) - 1 fused into an FMA (levels 1 ulp "
-                     "off; 7/2048 flip in bfloat16) and round((2^k-1)w) an FMA (a 16-bit code "
-                     "flips), so compiled it differs from its own eager values, which the export "
-                     "stores; fix in kquant/quantizers/dorefa.py: (2q - (2^k-1))/(2^k-1)")
+    if not same and bits0 == 16 and keras.backend.backend() != "torch":
+        # 16 bits are kept in float32, where z = (2^16-1)·(tanh W/2m + 1/2) has ~0.004
+        # resolution: XLA contracts it into an FMA before round(), so the trained model's
+        # compiled forward puts a code on the other side of a .5 tie now and then (1 in
+        # 2048 here) -- it differs from its own eager forward, which the export stores.
+        pytest.xfail("XLA contracts DoReFa-16's pre-rounding arithmetic into an FMA: the "
+                     "trained model's compiled forward differs from its own eager one")
     assert same

@@ -125,7 +125,10 @@ def run(cfg):
                 metrics[variant] = {"test_acc": float(test_acc),
                                     "train_loss": float(history.history["loss"][-1])}
                 models[variant] = model
-            times = compare_step_times(models, x, y, cfg.batch_size, steps=timing_steps(cfg))
+            steps = timing_steps(cfg)
+            # two steps per model per turn: a load change on a shared machine hits all alike
+            times = compare_step_times(models, x, y, cfg.batch_size, steps=steps,
+                                       rounds=max(1, steps // 2))
             for variant in models:
                 rows.append({
                     "quantizer": qname if qname == "bwn" else f"dorefa{bits}",

@@ -4,7 +4,7 @@ Each model is one layer (``Input → Dense`` or ``Input → Conv2D 3×3 same``)
 trained with SGD on a mean-squared error, so the step time is the layer's
 forward + backward + update. Variants of one size are timed interleaved in
 one process (:func:`benchmarks.common.compare_step_times`) and reported as a
-ratio to the float layer:
+ratio to the float layer (two steps per model per turn, the median of all):
 
 * ``float``: the Keras layer;
 * ``sign_w``: kquant binary weights (Sign, its default estimator);
@@ -16,7 +16,11 @@ When ``larq`` (with ``tf_keras``) is importable on the TensorFlow backend,
 Larq's ``QuantDense``/``QuantConv2D`` (``ste_sign`` weights, and weights +
 inputs) and a ``tf_keras`` float layer are timed alongside; otherwise the
 result says so (report, not a requirement).
-Options: ``variants`` (list), ``larq`` (false to skip).
+Options: ``variants`` (list), ``larq`` (false to skip), ``jit``: ``auto``
+(Keras' default: XLA on TensorFlow and JAX), ``on``, ``off``, or ``both``
+(default on TensorFlow except at the tiny scale): every variant is then timed
+with and without XLA, all interleaved in one run, each ratio against the float
+layer compiled the same way (column ``jit``, the resolved ``model.jit_compile``).
 """
 
 from __future__ import annotations
@@ -55,7 +59,9 @@ VARIANTS = {
 
 TINY_VARIANTS = ["float", "sign_wa", "uniform2_w_htge"]  # smoke-test scale
 
-COLUMNS = ["layer", "size", "variant", "params", "step_ms", "time_vs_float", "time_vs_larq"]
+COLUMNS = ["layer", "size", "variant", "jit", "params", "step_ms", "time_vs_float", "time_vs_larq"]
+
+JIT_MODES = {"auto": ["auto"], "on": [True], "off": [False], "both": [True, False]}
 
 
 def _layer(kind, size, quant):
@@ -73,11 +79,19 @@ def _input_shape(kind, size):
     return (size[0],) if kind == "dense" else (size[0], size[0], size[1])
 
 
-def _model(kind, size, quant, eager):
+def _model(kind, size, quant, eager, jit="auto"):
     model = keras.Sequential([keras.Input(_input_shape(kind, size)), _layer(kind, size, quant)])
     model.compile(optimizer=keras.optimizers.SGD(1e-3), loss="mse", run_eagerly=eager,
-                  **({} if _jit_ok() else {"jit_compile": False}))
+                  jit_compile=jit if _jit_ok() else False)
     return model
+
+
+def _jit_modes(cfg):
+    default = "both" if keras.backend.backend() == "tensorflow" and not cfg.tiny else "auto"
+    mode = str(cfg.option("jit", default))
+    if mode not in JIT_MODES:
+        raise ValueError(f"overhead: option `jit` takes {', '.join(JIT_MODES)}; got {mode!r}.")
+    return JIT_MODES[mode] if _jit_ok() else [False]
 
 
 def _jit_ok():
@@ -127,6 +141,7 @@ def run(cfg):
         names = ["float", *names]
     use_larq = bool(cfg.option("larq", True)) and larq_available()
     eager = bool(cfg.option("eager", False))
+    jit_modes = _jit_modes(cfg)
     rng = np.random.default_rng(cfg.seed)
     rows = []
     for kind in ("dense", "conv2d"):
@@ -137,24 +152,31 @@ def run(cfg):
             out = (size[1],) if kind == "dense" else (size[0], size[0], size[1])
             x = rng.standard_normal((batch, *shape)).astype("float32")
             y = rng.standard_normal((batch, *out)).astype("float32")
+            models = {}
             with strategy_scope(cfg):
-                models = {name: _model(kind, size, VARIANTS[name], eager) for name in names}
+                for jit in jit_modes:
+                    models.update({(name, jit): _model(kind, size, VARIANTS[name], eager, jit)
+                                   for name in names})
             if use_larq:
-                models.update(_larq_models(kind, size))
-            times = compare_step_times(models, x, y, batch, steps=timing_steps(cfg),
-                                       warmup=1 if cfg.tiny else 3)
+                models.update({(name, "larq"): m for name, m in _larq_models(kind, size).items()})
+            steps = timing_steps(cfg)
+            # two steps per turn: on a shared machine a load change then hits every model
+            times = compare_step_times(models, x, y, batch, steps=steps,
+                                       warmup=1 if cfg.tiny else 3, rounds=max(1, steps // 2))
             label = f"{size[0]}→{size[1]}" if kind == "dense" else f"{size[0]}×{size[0]}×{size[1]}"
-            for name, model in models.items():
-                row = {"layer": kind, "size": label, "variant": name, "batch": batch,
-                       "params": int(model.count_params()), "step_ms": 1e3 * times[name],
-                       "time_vs_float": times[name] / times["float"]}
-                twin = {"sign_w": "larq_sign_w", "sign_wa": "larq_sign_wa", "float": "larq_float"}
-                if name in twin and twin[name] in times:
-                    row["time_vs_larq"] = times[name] / times[twin[name]]
+            twin = {"sign_w": "larq_sign_w", "sign_wa": "larq_sign_wa", "float": "larq_float"}
+            for (name, jit), model in models.items():
+                float_key = ("float", jit if jit != "larq" else jit_modes[0])
+                row = {"layer": kind, "size": label, "variant": name,
+                       "jit": str(getattr(model, "jit_compile", "")), "batch": batch,
+                       "params": int(model.count_params()), "step_ms": 1e3 * times[(name, jit)],
+                       "time_vs_float": times[(name, jit)] / times[float_key]}
+                if name in twin and (twin[name], "larq") in times:
+                    row["time_vs_larq"] = times[(name, jit)] / times[(twin[name], "larq")]
                 rows.append(row)
     meta = {
         "sizes": sizes, "optimizer": "SGD", "loss": "mse", "timing_steps": timing_steps(cfg),
-        "eager": eager,
+        "eager": eager, "jit_compile": [str(j) for j in jit_modes],
         "larq": _larq_version() if use_larq else
         "not importable here (needs larq + tf_keras on the TensorFlow backend): larq rows omitted",
     }
@@ -175,12 +197,14 @@ def _plot(rows, path):
     for ax, kind in zip(axes, kinds):
         sel = [r for r in rows if r["layer"] == kind]
         sizes = list(dict.fromkeys(r["size"] for r in sel))
-        variants = list(dict.fromkeys(r["variant"] for r in sel))
+        jits = list(dict.fromkeys(r.get("jit", "") for r in sel))
+        variants = list(dict.fromkeys((r["variant"], r.get("jit", "")) for r in sel))
         width = 0.8 / max(len(variants), 1)
-        for i, v in enumerate(variants):
-            vals = [next((r["time_vs_float"] for r in sel if r["size"] == s and r["variant"] == v), 0.0)
-                    for s in sizes]
-            ax.bar(np.arange(len(sizes)) + i * width, vals, width, label=v)
+        for i, (v, j) in enumerate(variants):
+            vals = [next((r["time_vs_float"] for r in sel if r["size"] == s and r["variant"] == v
+                          and r.get("jit", "") == j), 0.0) for s in sizes]
+            label = f"{v} (jit {j})" if len(jits) > 1 else v
+            ax.bar(np.arange(len(sizes)) + i * width, vals, width, label=label)
         ax.axhline(1.0, color="k", lw=0.8)
         ax.set_xticks(np.arange(len(sizes)) + 0.4 - width / 2, sizes)
         ax.set_title(f"{kind}: train-step time / float")

@@ -120,6 +120,17 @@ class ElementwiseEstimator(Estimator):
     def surrogate(self, s):
         raise NotImplementedError(f"{type(self).__name__} has no closed-form surrogate")
 
+    def fused_slope(self):
+        """``F'`` (a function of ``s``) for a quantizer that folds this estimator into its
+        own one-pass backward (:meth:`kquant.quantizers.Quantizer.fused`); ``None`` when
+        ``F'`` reads state or the step, context or gradient is not the plain one. STE: ``1.0``."""
+        base = ElementwiseEstimator
+        plain = (type(self).step is Estimator.step and type(self).context is base.context
+                 and type(self).gradient is base.gradient)
+        if not plain or self.uses_latent or self.variables:
+            return None
+        return self.derivative
+
     def context(self, z, q, staircase, x=None, training=None):
         if self.variables:  # F' reads state: evaluate it in the forward pass (see module doc)
             return {"derivative": self.derivative(staircase.distance(z))}

@@ -21,6 +21,9 @@ class STE(ElementwiseEstimator):
     def surrogate(self, s):
         return s
 
+    def fused_slope(self):
+        return None if self.variables else 1.0
+
 
 class ClippedSTE(ElementwiseEstimator):
     """Clipped STE / PWL: g_x = g_q · 1{|s| ≤ clip} (binary: |x| ≤ 1)."""

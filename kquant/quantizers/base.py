@@ -55,6 +55,21 @@ def check_bits(bits, argument="bits", low=1, high=16) -> int:
     return int(bits)
 
 
+def apply_slope(g, slope, s_fn):
+    """``g·F'(s)`` (``s_fn()`` evaluated only when ``F'`` is not the constant 1)."""
+    if isinstance(slope, float) and slope == 1.0:
+        return g
+    return g * ops.cast(slope(s_fn()), g.dtype)
+
+
+def sum_to(g, target):
+    """``g`` summed over the axes that ``target`` broadcasts along, in ``target``'s shape."""
+    if len(target.shape) == 0:
+        return ops.sum(g)
+    axes = [i for i, d in enumerate(target.shape) if d == 1 and g.shape[i] != 1]
+    return ops.reshape(ops.sum(g, axis=axes, keepdims=True), ops.shape(target))
+
+
 class Quantizer(keras.layers.Layer):
     """Base class: ``pre`` to staircase units, estimator-owned step, ``post`` back."""
 
@@ -82,6 +97,26 @@ class Quantizer(keras.layers.Layer):
 
     def post(self, q, params):
         raise NotImplementedError
+
+    def fused(self, x, slope, training=None):
+        """``post(step(pre(x)))`` as one custom-gradient function with a hand-written
+        backward, or ``None`` (then the generic path runs).
+
+        Called only with a stateless elementwise estimator whose ``F'`` is ``slope``
+        (``1.0`` for STE). The value and every gradient equal the generic path's (the
+        chain rule written out, equal up to float rounding); the point is cost: the
+        backward is a few elementwise products plus the reductions the formula needs,
+        instead of autodiff through every intermediate op, and it reuses the forward's
+        ``z`` (``tanh W``) rather than saving F'(s) or recomputing statistics. A subclass
+        that overrides ``pre``/``post``/``staircase`` gets the generic path (:meth:`_fusable`).
+        """
+        return None
+
+    def _fusable(self, cls) -> bool:
+        """``True`` when ``pre``, ``post`` and ``staircase`` are ``cls``'s own (the maps
+        its :meth:`fused` writes out), not a subclass's."""
+        return all(getattr(type(self), name) is getattr(cls, name)
+                   for name in ("pre", "post", "staircase"))
 
     def extra_bits(self, shape) -> int:
         """Bits of float parameters stored beside the codes (scales, steps) for ``shape``."""
@@ -114,9 +149,12 @@ class Quantizer(keras.layers.Layer):
             x = ops.convert_to_tensor(x)
             if keras.backend.standardize_dtype(x.dtype) != "float32":
                 x = ops.cast(x, "float32")
-            z, params = self.pre(x, training=training)
-            q = self.estimator.step(z, self.staircase, x=x, training=training)
-            y = self.post(q, params)
+            slope = getattr(self.estimator, "fused_slope", lambda: None)()
+            y = None if slope is None else self.fused(x, slope, training=training)
+            if y is None:
+                z, params = self.pre(x, training=training)
+                q = self.estimator.step(z, self.staircase, x=x, training=training)
+                y = self.post(q, params)
         return y if out_dtype == "float32" else ops.cast(y, out_dtype)
 
     def compute_output_shape(self, input_shape):

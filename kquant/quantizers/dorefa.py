@@ -9,7 +9,8 @@ gradients flow through ``tanh`` and the max as in DoReFa's code.
 
 from keras import ops
 
-from kquant.quantizers.base import Quantizer, check_bits
+from kquant.estimators.base import as_tensor
+from kquant.quantizers.base import Quantizer, apply_slope, check_bits
 from kquant.staircase import Staircase
 
 
@@ -34,7 +35,42 @@ class DoReFa(Quantizer):
         return (2**self.bits - 1) * w, {}
 
     def post(self, q, params):
-        return 2.0 * q / (2**self.bits - 1) - 1.0
+        k = float(2**self.bits - 1)
+        return (2.0 * q - k) / k   # one rounding: XLA keeps it (2q/k − 1 it re-associates)
+
+    def fused(self, x, slope, training=None):
+        """Value and gradient in one custom-gradient function. With ``t = tanh W``,
+        ``M = max|t|``, ``m = max(M, 10⁻¹²)``,
+        ``g_w = (2^k−1)·F'(s)·(2/(2^k−1))·g``::
+
+            ∂ℓ/∂W = (1 − t²)·(g_w/(2m) + sign(t)·1{|t| = M}/#{|t| = M}·∂ℓ/∂M),
+            ∂ℓ/∂M = −2·Σ(g_w·t)/(2m)²·1{M ≥ 10⁻¹²}
+
+        (the max's gradient split over its ties, as autodiff does)."""
+        if not self._fusable(DoReFa):
+            return None
+        k = float(2**self.bits - 1)
+        st = self.staircase
+
+        @ops.custom_gradient
+        def fn(x):
+            t = ops.tanh(x)
+            big = ops.maximum(ops.max(t), -ops.min(t))  # max|t|, without an |t| tensor
+            two_m = 2.0 * ops.maximum(big, 1e-12)
+            z = k * (t / two_m + 0.5)
+            y = (2.0 * st.hard(z) - k) / k
+
+            def grad(*args, upstream=None):
+                g = args[0] if upstream is None else upstream
+                g_w = k * apply_slope(2.0 * g / k, slope, lambda: st.distance(z))
+                g_big = ops.where(big >= 1e-12, -2.0 * ops.sum(g_w * t) / (two_m * two_m), 0.0)
+                ties = ops.cast(ops.logical_or(t == big, t == -big), t.dtype)
+                g_t = g_w / two_m + ops.sign(t) * ties * (g_big / ops.sum(ties))
+                return g_t * (1.0 - t * t)
+
+            return y, grad
+
+        return fn(as_tensor(x))
 
     def get_config(self):
         return {**super().get_config(), "bits": self.bits}

@@ -29,7 +29,8 @@ from keras import ops
 
 from kquant import distribute
 from kquant.quantizers import channels
-from kquant.quantizers.base import Quantizer, check_bits
+from kquant.estimators.base import as_tensor
+from kquant.quantizers.base import Quantizer, apply_slope, check_bits, sum_to
 from kquant.staircase import Staircase
 from kquant.validation import check_bool, check_number
 
@@ -128,6 +129,31 @@ class Uniform(Quantizer):
 
     def post(self, q, params):
         return q * params["step"] + self.offset
+
+    def fused(self, x, slope, training=None):
+        """Value and gradient in one custom-gradient function: ``z = (x − m)/Δ``,
+        ``q = ⌊clip(z)⌉``, ``g_z = F'(s)·Δ·g``::
+
+            ∂ℓ/∂x = g_z/Δ,   ∂ℓ/∂Δ = Σ (g·q − g_z·z/Δ)   (summed over what shares Δ)."""
+        if not self._fusable(Uniform) or type(self)._step is not Uniform._step:
+            return None
+        step = self._step(x, training)
+        st, offset = self.staircase, self.offset
+
+        @ops.custom_gradient
+        def fn(x, step):
+            z = (x - offset if offset else x) / step
+            q = st.hard(z)
+            y = q * step + offset if offset else q * step
+
+            def grad(*args, upstream=None):
+                g = args[0] if upstream is None else upstream
+                g_z = apply_slope(g * step, slope, lambda: st.distance(z))
+                return g_z / step, sum_to(g * q - g_z * z / step, step)
+
+            return y, grad
+
+        return fn(as_tensor(x), as_tensor(step))
 
     def get_config(self):
         return {
