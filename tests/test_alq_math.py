@@ -188,8 +188,54 @@ def test_sorted_search_returns_the_exhaustive_codes_ties_included(bits):
     old = np.where(rng.random((g, n, bits)) < 0.5, -1.0, 1.0)
     by_search = [ops.convert_to_numpy(steps.nearest_bases(t(target), t(old), t(alpha), t(mask),
                                                           search=s))
-                 for s in ("sorted", "exhaustive")]
+                 for s in ("sorted", "exhaustive", "auto")]
     np.testing.assert_array_equal(by_search[0], by_search[1])
+    np.testing.assert_array_equal(by_search[2], by_search[1])
+
+
+@pytest.mark.tf_only
+def test_auto_search_on_tensorflow_follows_the_measured_rule():
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("TensorFlow seam")
+    import tensorflow as tf
+
+    small, mid = steps.EXHAUSTIVE_MAX_BITS, steps.JIT_MAX_BITS
+    assert [steps.resolve_search("auto", b) for b in (small, mid)] == \
+        ["exhaustive", "jit_exhaustive"]
+    assert steps.resolve_search("sorted", 2) == "sorted"
+    # Inside an XLA-compiled step: always the (fused) exhaustive search.
+    picked = tf.function(lambda: tf.constant(steps.resolve_search("auto", 8) == "exhaustive"),
+                         jit_compile=True)
+    assert bool(picked())
+    # A distribution strategy's replica functions cannot hold an XLA cluster.
+    with tf.distribute.MirroredStrategy(["/cpu:0"]).scope():
+        assert steps.resolve_search("auto", mid) == "sorted"
+    # The XLA-compiled exhaustive search, called from a plain graph, returns the same codes.
+    rng = _rng(3)
+    alpha = tf.constant(rng.uniform(0.05, 1.0, (6, mid)).astype("float32"))
+    mask = tf.ones_like(alpha)
+    target = tf.constant(rng.normal(size=(6, 20)).astype("float32"))
+    codes = tf.function(lambda: steps.nearest_codes(target, alpha, mask))()
+    np.testing.assert_array_equal(codes.numpy(),
+                                  steps.exhaustive_codes(target, alpha, mask).numpy())
+
+
+def test_exhaustive_search_under_xla_stores_no_distance_tensor():
+    """XLA fuses the distance/argmin loop: its scratch memory is far below ``G·n·2^I`` floats
+    (which is why ``search="auto"`` takes it under XLA)."""
+    import keras
+
+    if keras.backend.backend() != "jax":
+        pytest.skip("reads JAX's compiled memory analysis")
+    import jax
+    import jax.numpy as jnp
+
+    g, n, bits = 500, 200, 8
+    alpha, target = jnp.ones((g, bits)), jnp.ones((g, n))
+    compiled = jax.jit(steps.exhaustive_codes).lower(target, alpha, alpha).compile()
+    assert compiled.memory_analysis().temp_size_in_bytes < g * n * 2**bits * 4 / 16
 
 
 def test_bases_search_name_is_checked():

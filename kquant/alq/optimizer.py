@@ -7,8 +7,9 @@ quadratic model ``g = a·m/(1−β₁ᵗ)``, ``H = (√v̂ + ε)/√(1−β₂�
 layer's state according to :attr:`ALQ.phase`:
 
 * ``"bases"`` (Alg. 3): rows of ``B`` ← nearest level to ``ŵ − g/H`` (the
-  paper's exhaustive search over the ``2^I_max`` sign patterns, computed by
-  bisection in each group's sorted levels: same codes, memory ``O(n·I)``),
+  paper's exhaustive search over the ``2^I_max`` sign patterns, or, where
+  that is slower, bisection in each group's sorted levels: same codes,
+  memory ``O(n·I)``),
   then the Eq. 23 refit ``α = (BᵀHB + λI)⁻¹Bᵀ(Hŵ_old − g)``, negative α
   flipped with their bases and their α first moments;
 * ``"coordinates"`` (Alg. 4): AMSGrad on α (``a·m̂_α/(√v̂_α + ε)``), negative
@@ -107,13 +108,15 @@ class ALQ(keras.optimizers.Optimizer):
         ridge: ``λ`` of the Eq. 23 refit (paper: 1e-6).
         coordinate_l2: L2 on α in the α-domain gradient (paper §3.3).
         phase: initial phase, one of ``"bases"``, ``"coordinates"``, ``"prune"``.
-        search: bases search, ``"sorted"`` (bisection in the sorted levels,
-            memory ``O(n·I)``) or ``"exhaustive"`` (the paper's, memory
-            ``G·n·2^I``); both return the same bases.
+        search: bases search, ``"auto"`` (default: whichever of the two is
+            faster for ``I_max`` and the backend, see
+            :func:`kquant.alq.steps.resolve_search`), ``"sorted"`` (bisection in
+            the sorted levels, memory ``O(n·I)``) or ``"exhaustive"`` (the
+            paper's, ``G·n·2^I`` distances); all return the same bases.
     """
 
     def __init__(self, learning_rate=1e-3, beta_1=0.9, beta_2=0.999, epsilon=1e-8, ridge=1e-6,
-                 coordinate_l2=1e-5, phase="bases", search="sorted", name="alq", **kwargs):
+                 coordinate_l2=1e-5, phase="bases", search="auto", name="alq", **kwargs):
         super().__init__(learning_rate=learning_rate, name=name, **kwargs)
         for arg, value, low, high in (("beta_1", beta_1, 0.0, 1.0), ("beta_2", beta_2, 0.0, 1.0)):
             if not low <= float(value) < high:
@@ -123,8 +126,8 @@ class ALQ(keras.optimizers.Optimizer):
                 raise ValueError(f"`{arg}` must be >= 0, got {value!r}.")
         self.beta_1, self.beta_2, self.epsilon = float(beta_1), float(beta_2), float(epsilon)
         self.ridge, self.coordinate_l2 = float(ridge), float(coordinate_l2)
-        if search not in ("sorted", "exhaustive"):
-            raise ValueError(f"`search` must be 'sorted' or 'exhaustive', got {search!r}.")
+        if search not in steps.SEARCHES:
+            raise ValueError(f"`search` must be one of {steps.SEARCHES}, got {search!r}.")
         self.search = search
         self.initial_phase = PHASES[_phase_index(phase)]
         state = (("_phase", "phase", "int32", _phase_index(phase)),

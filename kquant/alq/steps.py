@@ -53,7 +53,7 @@ def sorted_codes(target, coordinates, mask):
     size = 2**bits
     values = levels(coordinates, mask)                                    # [G, L]
     order = _stable_argsort(values)
-    ordered = ops.take_along_axis(values, order, axis=-1)                  # [G, L] ascending
+    ordered = _take(values, order)                                         # [G, L] ascending
     # Start of each run of equal sorted values (its lowest pattern index).
     position = ops.broadcast_to(ops.arange(size, dtype="int32"), ops.shape(ordered))
     new_run = ops.concatenate([ops.ones_like(ordered[:, :1], dtype="bool"),
@@ -62,18 +62,29 @@ def sorted_codes(target, coordinates, mask):
     # below = #levels < t, by bisection over the sorted row (I steps).
     below = ops.zeros(ops.shape(target), dtype="int32")
     for step in (2**e for e in range(bits - 1, -1, -1)):
-        probe = ops.take_along_axis(ordered, below + (step - 1), axis=-1)
+        probe = _take(ordered, below + (step - 1))
         below = below + ops.where(probe < target, step, 0)
-    last = ops.take_along_axis(ordered, ops.full_like(below[:, :1], size - 1), axis=-1)
-    below = below + ops.cast(last < target, "int32")                      # all levels < t
+    below = below + ops.cast(ordered[:, -1:] < target, "int32")           # all levels < t
     hi = ops.minimum(below, size - 1)
-    lo = ops.take_along_axis(run_start, ops.maximum(below - 1, 0), axis=-1)
-    d_hi = ops.abs(target - ops.take_along_axis(ordered, hi, axis=-1))
-    d_lo = ops.abs(target - ops.take_along_axis(ordered, lo, axis=-1))
-    code_hi = ops.take_along_axis(order, hi, axis=-1)
-    code_lo = ops.take_along_axis(order, lo, axis=-1)
+    lo = _take(run_start, ops.maximum(below - 1, 0))
+    d_hi = ops.abs(target - _take(ordered, hi))
+    d_lo = ops.abs(target - _take(ordered, lo))
+    code_hi = _take(order, hi)
+    code_lo = _take(order, lo)
     pick_lo = ops.logical_or(d_lo < d_hi, ops.logical_and(d_lo == d_hi, code_lo < code_hi))
     return ops.where(pick_lo, code_lo, code_hi)
+
+
+def _take(x, indices):
+    """Backend seam: ``take_along_axis(x, indices, axis=-1)`` for ``[G, ·]`` tensors
+    (on TensorFlow one batched ``tf.gather``; Keras' generic version adds a dozen ops)."""
+    import keras
+
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        return tf.gather(x, indices, batch_dims=1)
+    return ops.take_along_axis(x, indices, axis=-1)
 
 
 def _stable_argsort(values):
@@ -117,19 +128,92 @@ def bases_to_codes(bases):
     return ops.sum(ops.cast(ops.cast(bases, "float32") < 0, "int32") * weights, axis=-1)
 
 
-def nearest_bases(target, bases, coordinates, mask, search="sorted"):
+SEARCHES = ("auto", "sorted", "exhaustive")
+
+#: ``search="auto"`` (measured on CPU, ``benchmarks/results/alq``): the exhaustive
+#: search whenever XLA compiles it (its distance/argmin loop is fused, so the
+#: ``G·n·2^I`` distances are never stored, and it beats XLA's sort and gathers);
+#: outside XLA, the exhaustive search for ``I ≤ EXHAUSTIVE_MAX_BITS`` (memory
+#: ``n·2^I ≤ 2·n·I``), and on TensorFlow without a distribution strategy an
+#: XLA-compiled exhaustive search for ``I ≤ JIT_MAX_BITS``; else the sorted one.
+EXHAUSTIVE_MAX_BITS = 2
+JIT_MAX_BITS = 6
+
+
+def in_xla() -> bool:
+    """Backend seam: whether the step is being compiled by XLA (JAX: always;
+    TensorFlow: inside a ``jit_compile`` function; torch: never)."""
+    import keras
+
+    backend = keras.backend.backend()
+    if backend == "jax":
+        return True
+    if backend == "tensorflow":
+        import tensorflow as tf
+        from tensorflow.python.ops import control_flow_util
+
+        return (not tf.executing_eagerly()
+                and control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()))
+    return False
+
+
+def _jit_exhaustive():
+    """Backend seam: an XLA-compiled :func:`exhaustive_codes` for TensorFlow steps that
+    are not compiled, or ``None`` (other backends; inside a ``tf.distribute`` strategy,
+    whose replica functions cannot hold XLA clusters)."""
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        return None
+    import tensorflow as tf
+
+    if tf.distribute.has_strategy():
+        return None
+    global _JIT_EXHAUSTIVE
+    if _JIT_EXHAUSTIVE is None:
+        compiled = tf.function(exhaustive_codes, jit_compile=True, autograph=False)
+
+        def _JIT_EXHAUSTIVE(*args):  # noqa: N802 (Keras variables are no tf.function arguments)
+            return compiled(*(tf.convert_to_tensor(a) for a in args))
+    return _JIT_EXHAUSTIVE
+
+
+_JIT_EXHAUSTIVE = None
+
+
+def resolve_search(search, bits):
+    """``"auto"`` → the search to run here (see :data:`JIT_MAX_BITS`): ``"exhaustive"``,
+    ``"jit_exhaustive"`` (TensorFlow, XLA-compiled) or ``"sorted"``; the other names
+    are returned as given (checked)."""
+    if search not in SEARCHES:
+        raise ValueError(f"`search` must be one of {SEARCHES}, got {search!r}.")
+    if search != "auto":
+        return search
+    if bits <= EXHAUSTIVE_MAX_BITS or in_xla():
+        return "exhaustive"
+    if bits <= JIT_MAX_BITS and _jit_exhaustive() is not None:
+        return "jit_exhaustive"
+    return "sorted"
+
+
+def nearest_codes(target, coordinates, mask, search="auto"):
+    """Pattern index of the nearest level per weight, by ``search`` (see :func:`nearest_bases`)."""
+    how = resolve_search(search, int(coordinates.shape[-1]))
+    find = {"sorted": sorted_codes, "exhaustive": exhaustive_codes}.get(how) or _jit_exhaustive()
+    return find(target, coordinates, mask)
+
+
+def nearest_bases(target, bases, coordinates, mask, search="auto"):
     """Bases step (ALQ Eq. 19–20): each row ``B_{g,j}`` ← the ``b`` whose ``bᵀα_g`` is nearest ``t_{g,j}``.
 
-    ``search="sorted"`` (default, memory ``O(n·I)``) or ``"exhaustive"`` (the
-    paper's search over all ``2^I`` patterns, memory ``G·n·2^I``); both give the
-    same codes. Masked slots have a zero coefficient, so they only repeat
-    levels; they keep their old value.
+    ``search="sorted"`` (memory ``O(n·I)``), ``"exhaustive"`` (the paper's
+    search over all ``2^I`` patterns, ``G·n·2^I`` distances; fused into one
+    loop under XLA) or ``"auto"`` (:func:`resolve_search`: the faster one);
+    all give the same codes. Masked slots have a zero coefficient, so they only
+    repeat levels; they keep their old value.
     """
-    if search not in ("sorted", "exhaustive"):
-        raise ValueError(f"`search` must be 'sorted' or 'exhaustive', got {search!r}.")
-    find = sorted_codes if search == "sorted" else exhaustive_codes
     bits = int(bases.shape[-1])
-    chosen = codes_to_bases(find(target, coordinates, mask), bits, bases.dtype)
+    chosen = codes_to_bases(nearest_codes(target, coordinates, mask, search), bits, bases.dtype)
     return ops.where(ops.expand_dims(mask, 1) > 0, chosen, bases)
 
 
@@ -161,7 +245,7 @@ def make_positive(bases, coordinates, *moments):
     return (bases * ops.expand_dims(ops.cast(sign, bases.dtype), 1), coordinates * sign) + flipped
 
 
-def bases_step(bases, coordinates, mask, g, h, ridge=1e-6, moments=(), search="sorted"):
+def bases_step(bases, coordinates, mask, g, h, ridge=1e-6, moments=(), search="auto"):
     """Alg. 3 for one step: target ``ŵ − g/H``, nearest bases, Eq. 23 refit, sign fix.
 
     α-domain first ``moments`` passed in are flipped with their α (so ``m_α``

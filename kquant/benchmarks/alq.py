@@ -6,12 +6,15 @@ sketching (kernel-wise convs, channel-wise dense, as the authors' LeNet5
 setup), then the ALQ pipeline (Alg. 5) prunes round by round with the paper's
 smooth schedule (``ratio`` 0.6 per round on LeNet5, as many rounds as it takes
 to reach ``target_bits``); one row per round. The train-step time of the bases
-step (I_max 2, 4, 6, 8; the default sorted search and, at I_max 8, the
-exhaustive one) and of the coordinates step (I_max 6) is measured as a ratio
-to an Adam step on the float model, all interleaved in one process
+step (I_max 2, 4, 6, 8, with the default ``search="auto"``; the row names the
+search it runs, :func:`kquant.alq.steps.resolve_search`) and of the
+coordinates step (I_max 6) is measured as a ratio to an Adam step on the
+float model, all interleaved in one process
 (:func:`~kquant.benchmarks.common.compare_step_times`), without and with XLA.
 
-Options: ``-o timing=false`` skips the timing rows.
+Options: ``-o timing=false`` skips the timing rows; ``-o train=false`` gives
+only them (on the untrained float LeNet5: a step's time does not depend on
+the weights).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from keras import layers
 
 from kquant import models
 from kquant.alq import ALQ, ALQSchedule, alq_layers, average_bitwidth, fit_pipeline, quantize
-from kquant.alq import storage_table
+from kquant.alq import steps, storage_table
 from kquant.alq.storage import plot_bitwidths
 from kquant.benchmarks.common import (BenchConfig, Result, compare_step_times, compile_classifier,
                                       jit_compile_allowed, load_data, set_seed, timing_steps)
@@ -49,6 +52,11 @@ def settings(cfg: BenchConfig) -> dict:
                 bases_lr=1e-3, coordinates_lr=1e-4, timing_bits=(2, 4, 6, 8), jit=(False, True))
 
 
+def _search_run(bits, jit):
+    """The bases search ``search="auto"`` runs in a train step (XLA-compiled or not)."""
+    return "exhaustive" if jit else steps.resolve_search("auto", bits)
+
+
 def _timing_rows(float_model, x, y, cfg, s):
     rows = []
     for jit in s["jit"]:
@@ -58,18 +66,16 @@ def _timing_rows(float_model, x, y, cfg, s):
         adam.set_weights(float_model.get_weights())
         compile_classifier(adam, keras.optimizers.Adam(1e-3), jit_compile=jit)
         timed = {"adam": adam}
-        variants = [(b, "bases", "sorted") for b in s["timing_bits"]]
-        top = max(s["timing_bits"])
-        variants += [(top, "bases", "exhaustive"), (min(6, top), "coordinates", "sorted")]
-        for bits, phase, search in variants:
+        variants = [(b, "bases") for b in s["timing_bits"]]
+        variants.append((min(6, max(s["timing_bits"])), "coordinates"))
+        for bits, phase in variants:
             model = quantize(float_model, group=_groups, max_bits=bits)
-            compile_classifier(model, ALQ(1e-3, phase=phase, search=search), jit_compile=jit)
-            timed[(bits, phase, search)] = model
+            compile_classifier(model, ALQ(1e-3, phase=phase), jit_compile=jit)
+            timed[(bits, phase)] = model
         seconds = compare_step_times(timed, x, y, cfg.batch_size, steps=timing_steps(cfg))
-        for (bits, phase, search), t in ((k, v) for k, v in seconds.items() if k != "adam"):
-            rows.append({"stage": f"timing {phase} I_max={bits}"
-                                  f"{' exhaustive' if search == 'exhaustive' else ''}"
-                                  f"{' XLA' if jit else ''}",
+        for (bits, phase), t in ((k, v) for k, v in seconds.items() if k != "adam"):
+            search = f" ({_search_run(bits, jit)})" if phase == "bases" else ""
+            rows.append({"stage": f"timing {phase} I_max={bits}{search}{' XLA' if jit else ''}",
                          f"{phase}_step_vs_adam": t / seconds["adam"]})
     return rows
 
@@ -81,6 +87,11 @@ def run(cfg: BenchConfig) -> Result:
     num_classes = int(max(y.max(), yt.max())) + 1
     float_model = models.build("lenet5", x.shape[1:], num_classes)
     compile_classifier(float_model, keras.optimizers.Adam(1e-3))
+    if not cfg.option("train", True):
+        return Result(name="alq", rows=_timing_rows(float_model, x, y, cfg, s),
+                      meta={"settings": {k: (list(v) if isinstance(v, tuple) else v)
+                                         for k, v in s.items()}, "timing_only": True},
+                      columns=["stage", "bases_step_vs_adam", "coordinates_step_vs_adam"])
     history = float_model.fit(x, y, epochs=s["float_epochs"], batch_size=cfg.batch_size, verbose=0)
     float_acc = float(float_model.evaluate(xt, yt, verbose=0)[1])
 
