@@ -321,9 +321,12 @@ def test_benchmark_rows_train_the_labelled_meta_network(tmp_path):
     from kquant.benchmarks.common import BenchConfig
 
     cfg = BenchConfig(tiny=True, batch_size=64, seed=0, out_dir=str(tmp_path),
-                      options={"variants": "multifc_bias", "quantizers": "bwn"})
+                      options={"variants": "multifc_bias", "quantizers": "bwn", "optimizers": "sgd"})
     rows = {r["variant"]: r for r in bench.run(cfg).rows}
     assert set(rows) == {"ste", "multifc_bias"}
     assert rows["ste"]["meta_network"] == "STE"
     assert bench.VARIANTS["multifc"] == ("multifc", {})   # the paper's bias-free stack
     assert rows["multifc_bias"]["meta_network"] == "MultiFCNetwork(hidden=16, layers=2, use_bias=True)"
+    # every variant of the cell trained at the cell's learning rate
+    assert rows["ste"]["lr"] == rows["multifc_bias"]["lr"] == pytest.approx(
+        bench.LEARNING_RATES[("bwn", "sgd")])
