@@ -89,7 +89,9 @@ def test_larq_dorefa_weights_mode_is_dorefa_with_the_identity_rounding_gradient(
     np.testing.assert_allclose(y, 2 * np.round(3 * DOREFA_W) / 3 - 1, rtol=1e-6, atol=1e-6)
     _, (g,) = grad(lambda x: ops.sum(ops.multiply(q(x, training=True), G)), X)
     _, (g_ref,) = grad(lambda x: ops.sum(ops.multiply(ref(x, training=True), G)), X)
-    np.testing.assert_allclose(g, g_ref, rtol=1e-6)
+    # the same chain rule; kquant's DoReFa runs its fused backward, the subclass the generic
+    # one (float32 op order differs: ~2e-6 relative on JAX)
+    np.testing.assert_allclose(g, g_ref, rtol=1e-5)
 
 
 def test_qkeras_strings_parse_to_quantizers():
