@@ -20,29 +20,21 @@ import pytest
 from kquant.testing import run_on_two_cpus, run_on_two_jax_devices
 
 BACKEND = keras.backend.backend()
+TESTS = os.path.dirname(os.path.abspath(__file__))
 
 _PIPELINE = """
 import json, sys
 import keras
 import numpy as np
-from kquant.alq import ALQ, ALQActivation, ALQConv2D, ALQDense, alq_layers, fit_pipeline
+from kquant.alq import ALQ, alq_layers, fit_pipeline
 
 OUT = sys.argv[1] if len(sys.argv) > 1 else {out!r}
 MODE = {mode!r}
 
-rng = np.random.default_rng(0)
-x = rng.random((128, 6, 6, 2)).astype("float32")
-y = (x[:, :3].mean(axis=(1, 2, 3)) > x[:, 3:].mean(axis=(1, 2, 3))).astype("int32")
+sys.path.insert(0, {tests!r})   # tests/alq_toys.py: the toy task and model the ALQ tests share
+from alq_toys import toy_data, toy_model as build
 
-
-def build():
-    inputs = keras.Input((6, 6, 2))
-    h = ALQConv2D(4, 3, padding="same", activation="relu", max_bits=3,
-                  kernel_initializer=keras.initializers.GlorotUniform(seed=1))(inputs)
-    h = keras.layers.Flatten()(h)
-    out = ALQDense(2, max_bits=3, group=16, input_quantizer=ALQActivation(2),
-                   kernel_initializer=keras.initializers.GlorotUniform(seed=2))(h)
-    return keras.Model(inputs, out)
+x, y = toy_data(128)
 
 
 def scope():
@@ -95,7 +87,7 @@ def _reference(tmp_path, backend, mode):
     env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"}
     env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
                                 if "force_host_platform_device_count" not in f)
-    script = textwrap.dedent(_PIPELINE.format(out=out, mode=mode))
+    script = textwrap.dedent(_PIPELINE.format(tests=TESTS, out=out, mode=mode))
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           env=env, timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
@@ -120,7 +112,7 @@ def _compare(single, multi):
 def test_mirrored_pipeline_equals_one_device(tmp_path):
     single = _reference(tmp_path, "tensorflow", "single")
     out = str(tmp_path / "mirrored.json")
-    done = run_on_two_cpus(_PIPELINE.format(out=out, mode="mirrored"), timeout=900)
+    done = run_on_two_cpus(_PIPELINE.format(tests=TESTS, out=out, mode="mirrored"), timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
     with open(out) as f:
         _compare(single, json.load(f))
@@ -131,7 +123,7 @@ def test_mirrored_pipeline_equals_one_device(tmp_path):
 def test_jax_data_parallel_pipeline_equals_one_device(tmp_path):
     single = _reference(tmp_path, "jax", "jax")
     out = str(tmp_path / "data_parallel.json")
-    done = run_on_two_jax_devices(_PIPELINE.format(out=out, mode="data_parallel"), timeout=900)
+    done = run_on_two_jax_devices(_PIPELINE.format(tests=TESTS, out=out, mode="data_parallel"), timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
     with open(out) as f:
         _compare(single, json.load(f))
