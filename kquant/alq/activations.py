@@ -14,8 +14,12 @@ sufficient statistics (``[1, D]ᵀ[1, D]``, ``[1, D]ᵀx``, counts, sums, min/ma
 are summed over replicas before solving (:mod:`kquant.alq.replicas`). A batch
 whose statistics are not finite leaves ``x_ref``, ``γ`` and the initialisation
 flag unchanged (initialisation waits for the first finite training batch; an
-inference call never initialises). Levels are computed in float32 whatever
-the dtype policy; the output is cast to the compute dtype.
+inference call never initialises). The statistics are written by the
+optimizer's step, not by the forward pass (:mod:`kquant.step_state`): a step
+the optimizer skips (ALQ's per-step guard, ``SkipNonFinite``, a loss-scale
+overflow; e.g. a NaN label behind finite activations) leaves them unchanged
+too. Levels are computed in float32 whatever the dtype policy; the output is
+cast to the compute dtype.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from __future__ import annotations
 import keras
 from keras import ops
 
+from kquant import step_state
 from kquant.alq import replicas
 from kquant.alq.steps import sign_patterns
 
@@ -52,12 +57,9 @@ class ALQActivation(keras.layers.Layer):
         return self.bits
 
     def build(self, input_shape):
-        self.reference = self.add_weight(name="reference", shape=(), initializer="zeros",
-                                         trainable=False)
-        self.gamma = self.add_weight(name="gamma", shape=(self.bits,), initializer="ones",
-                                     trainable=False)
-        self.initialized = self.add_weight(name="initialized", shape=(), initializer="zeros",
-                                           trainable=False)
+        self.reference = step_state.add_statistic(self, "reference", (), "zeros")
+        self.gamma = step_state.add_statistic(self, "gamma", (self.bits,), "ones")
+        self.initialized = step_state.add_statistic(self, "initialized", (), "zeros")
 
     def levels(self, reference=None, gamma=None):
         """Sorted levels ``[2^bits]`` and the sign pattern index of each."""
@@ -104,9 +106,11 @@ class ALQActivation(keras.layers.Layer):
     def call(self, inputs, training=None):
         inputs = ops.cast(inputs, "float32")
         target = ops.relu(inputs) if self.rectify else inputs
-        reference, gamma = ops.convert_to_tensor(self.reference), ops.convert_to_tensor(self.gamma)
-        initialized = ops.convert_to_tensor(self.initialized)
-        if training:
+        # statistics get no autodiff gradient: theirs is the new value (step_state.commit)
+        reference, gamma, initialized = (ops.stop_gradient(ops.convert_to_tensor(v))
+                                         for v in (self.reference, self.gamma, self.initialized))
+        statistics = None
+        if training and self.trainable:
             start_ref, start_gamma = self._initial(target)
             fresh = initialized > 0
             prior_ref = ops.where(fresh, reference, start_ref)
@@ -118,13 +122,15 @@ class ALQActivation(keras.layers.Layer):
             ok = ops.logical_and(ops.all(ops.isfinite(new_gamma)), ops.isfinite(new_ref))
             reference = ops.where(ok, new_ref, reference)
             gamma = ops.where(ok, new_gamma, gamma)
-            self.reference.assign(reference)
-            self.gamma.assign(gamma)
-            self.initialized.assign(ops.where(ok, ops.ones_like(initialized), initialized))
+            statistics = (reference, gamma, ops.where(ok, ops.ones_like(initialized), initialized))
         index, sorted_levels, _ = self._nearest(target, reference, gamma)
         quantized = ops.take(sorted_levels, index)
         clipped = ops.clip(target, sorted_levels[0], sorted_levels[-1])
-        return ops.cast(clipped + ops.stop_gradient(quantized - clipped), self.compute_dtype)
+        outputs = clipped + ops.stop_gradient(quantized - clipped)
+        if statistics is not None:
+            outputs = step_state.commit(outputs, (self.reference, self.gamma, self.initialized),
+                                        statistics)
+        return ops.cast(outputs, self.compute_dtype)
 
     def compute_output_shape(self, input_shape):
         return input_shape

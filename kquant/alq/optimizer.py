@@ -19,11 +19,14 @@ layer's state according to :attr:`ALQ.phase`:
 Which variables are ALQ state is decided by ownership: :class:`ALQLayer.build`
 tags its tap (``"tap"``) and ``bases``/``coordinates``/``mask`` (``"state"``).
 Every other trainable variable (biases, BatchNorm, float layers) is trained by
-an Adam rule inside the same optimizer, with the same learning rate.
+an Adam rule inside the same optimizer, with the same learning rate, except
+running statistics (:mod:`kquant.step_state`, e.g. :class:`~kquant.alq.ALQActivation`'s
+``x_ref``/``γ``), which take the value their gradient carries.
 
 A step with any non-finite gradient is skipped as a whole, like
 :class:`~kquant.optimizers.SkipNonFinite`: every variable (ALQ state, moments,
-biases, ``iterations``) keeps its value, and ``non_finite_steps`` counts it.
+biases, running statistics, ``iterations``) keeps its value, and
+``non_finite_steps`` counts it.
 The decision needs no host read and no extra collective: a non-finite
 gradient anywhere turns every gradient of that replica into NaN before the
 cross-replica sum, so every variable's summed gradient is non-finite on every
@@ -43,6 +46,7 @@ import warnings
 import keras
 from keras import ops
 
+from kquant import step_state
 from kquant.alq import steps
 from kquant.alq.layers import ALQ_LAYER, alq_role
 
@@ -96,6 +100,16 @@ def _concrete_int(variable):
         return int(ops.convert_to_numpy(value))
     except Exception:  # still symbolic somewhere
         return None
+
+
+def _summed_replicas() -> int:
+    """Backend seam: how many per-replica gradients Keras sums into one (TF ``tf.distribute``;
+    a JAX ``DataParallel`` step is one program over the global batch: 1)."""
+    if keras.backend.backend() != "tensorflow":
+        return 1
+    import tensorflow as tf
+
+    return int(tf.distribute.get_strategy().num_replicas_in_sync)
 
 
 @keras.saving.register_keras_serializable(package="kquant")
@@ -203,7 +217,7 @@ class ALQ(keras.optimizers.Optimizer):
         self._alpha_m, self._alpha_v, self._alpha_vmax = [], [], []
         self._adam_m, self._adam_v = [], []
         for variable in variables:
-            role = alq_role(variable)
+            role = "statistic" if step_state.is_statistic(variable) else alq_role(variable)
             layer = getattr(variable, ALQ_LAYER, None) if role == "tap" else None
             roles.append(role)
             layers.append(layer)
@@ -265,6 +279,11 @@ class ALQ(keras.optimizers.Optimizer):
         grads, variables = zip(*kept)
         return super()._filter_empty_gradients(list(grads), list(variables))
 
+    def _overwrite_variables_directly_with_gradients(self, grads, variables):
+        # Running statistics go through the step with every other variable, so the
+        # per-step guard (and, on TF, the cross-replica sum) covers them: `update_step`.
+        return grads, variables
+
     def apply(self, grads, trainable_variables=None):
         # Per-step guard: one non-finite gradient poisons them all (see the module docstring).
         present = [g for g in grads if g is not None]
@@ -282,6 +301,9 @@ class ALQ(keras.optimizers.Optimizer):
         role = self._roles[index]
         if role == "state":
             return
+        if role == "statistic":
+            self._statistic_update(variable, gradient)
+            return
         lr = ops.cast(learning_rate, "float32")
         t = ops.cast(self.iterations + 1, "float32")
         gradient = ops.cast(gradient, "float32")
@@ -295,6 +317,13 @@ class ALQ(keras.optimizers.Optimizer):
             skipped = ops.where(finite, 0, 1)
             self.assign_add(self._non_finite, skipped)
             self.assign_sub(self.iterations, ops.cast(skipped, self.iterations.dtype))
+
+    def _statistic_update(self, variable, gradient):
+        """The variable takes its gradient (the replica sum of one global value each, so
+        divided by the replica count) unless the step is skipped (then it is NaN)."""
+        value = ops.cast(gradient, variable.dtype) / float(_summed_replicas())
+        self.assign(variable, ops.where(ops.all(ops.isfinite(value)), value,
+                                        ops.convert_to_tensor(variable)))
 
     def _adam_update(self, index, variable, gradient, finite, lr, t):
         b1, b2 = self.beta_1, self.beta_2
