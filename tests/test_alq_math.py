@@ -201,30 +201,38 @@ def test_auto_search_on_tensorflow_follows_the_measured_rule():
         pytest.skip("TensorFlow seam")
     import tensorflow as tf
 
-    small, mid = steps.EXHAUSTIVE_MAX_BITS, steps.JIT_MAX_BITS
-    assert [steps.resolve_search("auto", b) for b in (small, mid)] == \
-        ["exhaustive", "jit_exhaustive"]
+    small = steps.EXHAUSTIVE_MAX_BITS
+    assert [steps.resolve_search("auto", b) for b in (small, small + 1)] == \
+        ["exhaustive", "sorted"]
     assert steps.resolve_search("sorted", 2) == "sorted"
     # Inside an XLA-compiled step: always the (fused) exhaustive search.
     picked = tf.function(lambda: tf.constant(steps.resolve_search("auto", 8) == "exhaustive"),
                          jit_compile=True)
     assert bool(picked())
-    # A distribution strategy's replica functions cannot hold an XLA cluster.
-    with tf.distribute.MirroredStrategy(["/cpu:0"]).scope():
-        assert steps.resolve_search("auto", mid) == "sorted"
-    # The XLA-compiled exhaustive search, called from a plain graph, returns the same codes.
+    # compile_with_xla: XLA from a plain graph, also inside a strategy's replica function,
+    # where the search it runs is the exhaustive one; the same codes as eager.
     rng = _rng(3)
-    alpha = tf.constant(rng.uniform(0.05, 1.0, (6, mid)).astype("float32"))
+    alpha = tf.constant(rng.uniform(0.05, 1.0, (6, 6)).astype("float32"))
     mask = tf.ones_like(alpha)
     target = tf.constant(rng.normal(size=(6, 20)).astype("float32"))
-    codes = tf.function(lambda: steps.nearest_codes(target, alpha, mask))()
-    np.testing.assert_array_equal(codes.numpy(),
-                                  steps.exhaustive_codes(target, alpha, mask).numpy())
+
+    def search(t, a, m):
+        return steps.nearest_codes(t, a, m), tf.constant(steps.in_xla())
+
+    step = steps.compile_with_xla(search)
+    codes, compiled = tf.function(lambda: step(target, alpha, mask))()
+    assert bool(compiled)
+    with tf.distribute.MirroredStrategy(["/cpu:0"]).scope():
+        replica = tf.distribute.get_strategy().run(tf.function(lambda: step(target, alpha, mask)))
+    assert bool(replica[1])
+    for found in (codes, replica[0]):
+        np.testing.assert_array_equal(found.numpy(),
+                                      steps.sorted_codes(target, alpha, mask).numpy())
 
 
 def test_exhaustive_search_under_xla_stores_no_distance_tensor():
-    """XLA fuses the distance/argmin loop: its scratch memory is far below ``G·n·2^I`` floats
-    (which is why ``search="auto"`` takes it under XLA)."""
+    """The running-minimum search keeps no ``G·n·2^I`` distance tensor: XLA's scratch
+    memory for it is far below that."""
     import keras
 
     if keras.backend.backend() != "jax":

@@ -7,9 +7,9 @@ quadratic model ``g = a·m/(1−β₁ᵗ)``, ``H = (√v̂ + ε)/√(1−β₂�
 layer's state according to :attr:`ALQ.phase`:
 
 * ``"bases"`` (Alg. 3): rows of ``B`` ← nearest level to ``ŵ − g/H`` (the
-  paper's exhaustive search over the ``2^I_max`` sign patterns, or, where
-  that is slower, bisection in each group's sorted levels: same codes,
-  memory ``O(n·I)``),
+  paper's exhaustive search over the ``2^I_max`` sign patterns as a running
+  minimum, or, outside XLA, bisection in each group's sorted levels: same
+  codes, memory ``O(n·I)``),
   then the Eq. 23 refit ``α = (BᵀHB + λI)⁻¹Bᵀ(Hŵ_old − g)``, negative α
   flipped with their bases and their α first moments;
 * ``"coordinates"`` (Alg. 4): AMSGrad on α (``a·m̂_α/(√v̂_α + ε)``), negative
@@ -32,6 +32,10 @@ gradient anywhere turns every gradient of that replica into NaN before the
 cross-replica sum, so every variable's summed gradient is non-finite on every
 replica. A warning is emitted once, when the count can be read (eager
 ``apply``, or the ALQ callbacks at epoch end).
+
+Each ALQ layer's step is a pure function of tensors; on TensorFlow it is
+compiled by XLA even when the train step is not (:func:`steps.compile_with_xla`;
+also inside ``tf.distribute`` replicas), so the search is always the fused one.
 
 The optimizer also holds the :class:`~kquant.alq.ALQSchedule` progress
 (``schedule_start_bits``, ``prune_start_budget``, ``prune_steps_done``), so a
@@ -125,8 +129,8 @@ class ALQ(keras.optimizers.Optimizer):
         search: bases search, ``"auto"`` (default: whichever of the two is
             faster for ``I_max`` and the backend, see
             :func:`kquant.alq.steps.resolve_search`), ``"sorted"`` (bisection in
-            the sorted levels, memory ``O(n·I)``) or ``"exhaustive"`` (the
-            paper's, ``G·n·2^I`` distances); all return the same bases.
+            the sorted levels) or ``"exhaustive"`` (the paper's, all ``2^I``
+            levels as a running minimum); both memory ``O(n·I)``, same bases.
     """
 
     def __init__(self, learning_rate=1e-3, beta_1=0.9, beta_2=0.999, epsilon=1e-8, ridge=1e-6,
@@ -338,48 +342,61 @@ class ALQ(keras.optimizers.Optimizer):
 
     def _alq_update(self, index, gradient, finite, lr, t):
         layer = self._owner_layers[index]
-        b1, b2, eps = self.beta_1, self.beta_2, self.epsilon
         bases_var, alpha_var, mask_var = layer.alq_state()
-        alpha, mask = (ops.convert_to_tensor(v) for v in (alpha_var, mask_var))
-        bases = ops.cast(ops.convert_to_tensor(bases_var), "float32")
-        g_w = layer.layout.to_groups(gradient)
         slots = (self._weight_m[index], self._weight_v[index], self._weight_vmax[index],
                  self._alpha_m[index], self._alpha_v[index], self._alpha_vmax[index])
-        old = tuple(ops.convert_to_tensor(s) for s in slots)
-        m, v, vmax, m_a, v_a, vmax_a = old
-
-        m = b1 * m + (1 - b1) * g_w
-        v = b2 * v + (1 - b2) * g_w * g_w
-        vmax = ops.maximum(vmax, v)
-        g_a = (ops.squeeze(ops.matmul(ops.expand_dims(g_w, 1), bases), 1)
-               + self.coordinate_l2 * alpha) * mask
-        m_a = b1 * m_a + (1 - b1) * g_a
-        v_a = b2 * v_a + (1 - b2) * g_a * g_a
-        vmax_a = ops.maximum(vmax_a, v_a)
-        correction_1, correction_2 = 1 - b1**t, ops.sqrt(1 - b2**t)
-        ridge, search = self.ridge, self.search
-
-        def bases_phase(bases, alpha, m_a):
-            g = lr * m / correction_1
-            h = (ops.sqrt(vmax) + eps) / correction_2
-            return steps.bases_step(bases, alpha, mask, g, h, ridge, moments=(m_a,),
-                                    search=search)
-
-        def coordinates_phase(bases, alpha, m_a):
-            step = lr * (m_a / correction_1) / (ops.sqrt(vmax_a) / correction_2 + eps)
-            return steps.make_positive(bases, (alpha - step) * mask, m_a)
-
-        def prune_phase(bases, alpha, m_a):
-            return bases, alpha, m_a
-
+        state = [ops.convert_to_tensor(v) for v in (bases_var, alpha_var, mask_var, *slots)]
+        state[0] = ops.cast(state[0], "float32")
         phase = ops.clip(ops.convert_to_tensor(self._phase), 0, len(PHASES) - 1)
-        new_bases, new_alpha, m_a = ops.switch(
-            phase, [bases_phase, coordinates_phase, prune_phase], bases, alpha, m_a)
+        new = self._layer_step(layer)(gradient, finite, lr, t, phase, *state)
+        self.assign(bases_var, ops.cast(new[0], bases_var.dtype))
+        for target, value in zip((alpha_var, *slots), new[1:]):
+            self.assign(target, value)
 
-        self.assign(bases_var, ops.cast(ops.where(finite, new_bases, bases), bases_var.dtype))
-        self.assign(alpha_var, ops.where(finite, new_alpha, alpha))
-        for target, value, previous in zip(slots, (m, v, vmax, m_a, v_a, vmax_a), old):
-            self.assign(target, ops.where(finite, value, previous))
+    def _layer_step(self, layer):
+        """The layer's step as a pure function of tensors; on TensorFlow outside XLA
+        compiled by XLA on its own (see :func:`steps.compile_with_xla`)."""
+        steps_by_layer = self.__dict__.setdefault("_compiled_steps", {})
+        key = id(layer)
+        if key not in steps_by_layer:
+            steps_by_layer[key] = steps.compile_with_xla(self._pure_step(layer))
+        return steps_by_layer[key]
+
+    def _pure_step(self, layer):
+        b1, b2, eps, ridge, search = self.beta_1, self.beta_2, self.epsilon, self.ridge, self.search
+        l2, to_groups = self.coordinate_l2, layer.layout.to_groups
+
+        def step(gradient, finite, lr, t, phase, bases, alpha, mask, *old):
+            g_w = to_groups(gradient)
+            m, v, vmax, m_a, v_a, vmax_a = old
+            m = b1 * m + (1 - b1) * g_w
+            v = b2 * v + (1 - b2) * g_w * g_w
+            vmax = ops.maximum(vmax, v)
+            g_a = (ops.squeeze(ops.matmul(ops.expand_dims(g_w, 1), bases), 1) + l2 * alpha) * mask
+            m_a = b1 * m_a + (1 - b1) * g_a
+            v_a = b2 * v_a + (1 - b2) * g_a * g_a
+            vmax_a = ops.maximum(vmax_a, v_a)
+            correction_1, correction_2 = 1 - b1**t, ops.sqrt(1 - b2**t)
+
+            def bases_phase(bases, alpha, m_a):
+                g = lr * m / correction_1
+                h = (ops.sqrt(vmax) + eps) / correction_2
+                return steps.bases_step(bases, alpha, mask, g, h, ridge, moments=(m_a,),
+                                        search=search)
+
+            def coordinates_phase(bases, alpha, m_a):
+                step = lr * (m_a / correction_1) / (ops.sqrt(vmax_a) / correction_2 + eps)
+                return steps.make_positive(bases, (alpha - step) * mask, m_a)
+
+            def prune_phase(bases, alpha, m_a):
+                return bases, alpha, m_a
+
+            new_bases, new_alpha, m_a = ops.switch(
+                phase, [bases_phase, coordinates_phase, prune_phase], bases, alpha, m_a)
+            new = (new_bases, new_alpha, m, v, vmax, m_a, v_a, vmax_a)
+            return tuple(ops.where(finite, a, b) for a, b in zip(new, (bases, alpha, *old)))
+
+        return step
 
     def get_config(self):
         return {

@@ -53,8 +53,10 @@ def settings(cfg: BenchConfig) -> dict:
 
 
 def _search_run(bits, jit):
-    """The bases search ``search="auto"`` runs in a train step (XLA-compiled or not)."""
-    return "exhaustive" if jit else steps.resolve_search("auto", bits)
+    """The bases search ``search="auto"`` runs in a train step (XLA-compiled or not):
+    ALQ compiles its layer step with XLA on TensorFlow (:func:`steps.compile_with_xla`)."""
+    xla = jit or keras.backend.backend() in ("tensorflow", "jax")
+    return "exhaustive" if xla else steps.resolve_search("auto", bits)
 
 
 def _timing_rows(float_model, x, y, cfg, s):
