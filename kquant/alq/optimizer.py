@@ -35,7 +35,7 @@ replica. A warning is emitted once, when the count can be read (eager
 
 Each ALQ layer's step is a pure function of tensors; on TensorFlow it is
 compiled by XLA even when the train step is not (:func:`steps.compile_with_xla`;
-also inside ``tf.distribute`` replicas), so the search is always the fused one.
+one device), so the search there is always the fused one.
 
 The optimizer also holds the :class:`~kquant.alq.ALQSchedule` progress
 (``schedule_start_bits``, ``prune_start_budget``, ``prune_steps_done``), so a

@@ -52,11 +52,13 @@ def settings(cfg: BenchConfig) -> dict:
                 bases_lr=1e-3, coordinates_lr=1e-4, timing_bits=(2, 4, 6, 8), jit=(False, True))
 
 
-def _search_run(bits, jit):
+def _search_run(bits, jit, strategy):
     """The bases search ``search="auto"`` runs in a train step (XLA-compiled or not):
-    ALQ compiles its layer step with XLA on TensorFlow (:func:`steps.compile_with_xla`)."""
-    xla = jit or keras.backend.backend() in ("tensorflow", "jax")
-    return "exhaustive" if xla else steps.resolve_search("auto", bits)
+    ALQ compiles its layer step with XLA on TensorFlow outside ``tf.distribute``
+    (:func:`steps.compile_with_xla`)."""
+    backend = keras.backend.backend()
+    xla = jit or backend == "jax" or (backend == "tensorflow" and strategy != "mirrored")
+    return "exhaustive" if xla or bits <= steps.EXHAUSTIVE_MAX_BITS else "sorted"
 
 
 def _timing_rows(float_model, x, y, cfg, s):
@@ -76,7 +78,7 @@ def _timing_rows(float_model, x, y, cfg, s):
             timed[(bits, phase)] = model
         seconds = compare_step_times(timed, x, y, cfg.batch_size, steps=timing_steps(cfg))
         for (bits, phase), t in ((k, v) for k, v in seconds.items() if k != "adam"):
-            search = f" ({_search_run(bits, jit)})" if phase == "bases" else ""
+            search = f" ({_search_run(bits, jit, cfg.strategy)})" if phase == "bases" else ""
             rows.append({"stage": f"timing {phase} I_max={bits}{search}{' XLA' if jit else ''}",
                          f"{phase}_step_vs_adam": t / seconds["adam"]})
     return rows
