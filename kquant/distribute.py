@@ -54,6 +54,31 @@ def replica_sum(value):
     return ctx.all_reduce("sum", value)
 
 
+def replica_min(value):
+    """Element-wise minimum of ``value`` over the replicas of the current step."""
+    ctx = _tf_replica_context()
+    if ctx is None:
+        return value
+    return ops.min(ctx.all_gather(ops.expand_dims(value, 0), axis=0), axis=0)
+
+
+def replica_max(value):
+    """Element-wise maximum of ``value`` over the replicas of the current step."""
+    return -replica_min(-value)
+
+
+def summed_gradient_replicas() -> int:
+    """How many per-replica gradients Keras sums into each variable's gradient: the
+    strategy's replica count under TF ``tf.distribute`` (also inside the optimizer's
+    cross-replica update); 1 elsewhere (a JAX ``DataParallel`` step is one program over
+    the global batch)."""
+    if keras.backend.backend() != "tensorflow":
+        return 1
+    import tensorflow as tf
+
+    return int(tf.distribute.get_strategy().num_replicas_in_sync)
+
+
 def global_sum_and_count(x, axis=None):
     """``(Σ x, number of elements)`` over ``axis`` of the global batch, in ``x``'s dtype."""
     x = ops.convert_to_tensor(x)

@@ -6,7 +6,6 @@
 * :mod:`~kquant.alq.pruning` — :class:`ALQPruning`, Alg. 2.
 * :mod:`~kquant.alq.pipeline` — :class:`ALQSchedule` / :func:`fit_pipeline`, Alg. 5.
 * :mod:`~kquant.alq.activations` — :class:`ALQActivation`, §4.
-* :mod:`~kquant.alq.replicas` — cross-replica sums of forward-pass statistics.
 * :mod:`~kquant.alq.storage` — Eq. 26 storage table and the Fig. 2 plot.
 * :mod:`~kquant.alq.convert` — :func:`quantize` a trained float model.
 """

@@ -11,7 +11,7 @@ zero outside (clipped STE). One global bitwidth is the usual choice.
 
 The statistics are those of the *global* batch: under ``tf.distribute`` the
 sufficient statistics (``[1, D]ᵀ[1, D]``, ``[1, D]ᵀx``, counts, sums, min/max)
-are summed over replicas before solving (:mod:`kquant.alq.replicas`). A batch
+are summed over replicas before solving (:mod:`kquant.distribute`). A batch
 whose statistics are not finite leaves ``x_ref``, ``γ`` and the initialisation
 flag unchanged (initialisation waits for the first finite training batch; an
 inference call never initialises). The statistics are written by the
@@ -27,8 +27,7 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from kquant import step_state
-from kquant.alq import replicas
+from kquant import distribute, step_state
 from kquant.alq.steps import sign_patterns
 
 
@@ -85,20 +84,21 @@ class ALQActivation(keras.layers.Layer):
         index, _, order = self._nearest(flat, reference, gamma)
         codes = ops.take(ops.convert_to_tensor(self._patterns), ops.take(order, index), axis=0)
         features = ops.concatenate([ops.ones_like(codes[:, :1]), codes], axis=1)
-        count = replicas.total(ops.cast(ops.shape(flat)[0], "float32"))
-        gram = replicas.total(ops.matmul(ops.transpose(features), features)) / count
+        count = distribute.replica_sum(ops.cast(ops.shape(flat)[0], "float32"))
+        gram = distribute.replica_sum(ops.matmul(ops.transpose(features), features)) / count
         gram = gram + 1e-6 * ops.eye(self.bits + 1)
-        rhs = replicas.total(ops.matmul(ops.transpose(features), ops.reshape(flat, (-1, 1)))) \
-            / count
+        moment = ops.matmul(ops.transpose(features), ops.reshape(flat, (-1, 1)))
+        rhs = distribute.replica_sum(moment) / count
         solution = ops.solve(gram, rhs)[:, 0]
         return solution[0], ops.abs(solution[1:])
 
     def _initial(self, target):
-        count = replicas.total(ops.cast(ops.size(target), "float32"))
-        mean = replicas.total(ops.sum(target)) / count
-        variance = ops.maximum(replicas.total(ops.sum(target * target)) / count - mean * mean, 0.0)
-        low = ops.maximum(replicas.minimum(ops.min(target)), 0.0)
-        high = ops.minimum(mean + 3.0 * ops.sqrt(variance), replicas.maximum(ops.max(target)))
+        count = distribute.replica_sum(ops.cast(ops.size(target), "float32"))
+        mean = distribute.replica_sum(ops.sum(target)) / count
+        square = distribute.replica_sum(ops.sum(target * target)) / count
+        variance = ops.maximum(square - mean * mean, 0.0)
+        low = ops.maximum(distribute.replica_min(ops.min(target)), 0.0)
+        high = ops.minimum(mean + 3.0 * ops.sqrt(variance), distribute.replica_max(ops.max(target)))
         high = ops.maximum(high, low + 1e-3)
         steps = ops.convert_to_tensor([2.0**i for i in range(self.bits)]) / (2.0**self.bits - 1)
         return 0.5 * (low + high), 0.5 * (high - low) * steps

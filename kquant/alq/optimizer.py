@@ -50,7 +50,7 @@ import warnings
 import keras
 from keras import ops
 
-from kquant import step_state
+from kquant import distribute, step_state
 from kquant.alq import steps
 from kquant.alq.layers import ALQ_LAYER, alq_role
 
@@ -104,16 +104,6 @@ def _concrete_int(variable):
         return int(ops.convert_to_numpy(value))
     except Exception:  # still symbolic somewhere
         return None
-
-
-def _summed_replicas() -> int:
-    """Backend seam: how many per-replica gradients Keras sums into one (TF ``tf.distribute``;
-    a JAX ``DataParallel`` step is one program over the global batch: 1)."""
-    if keras.backend.backend() != "tensorflow":
-        return 1
-    import tensorflow as tf
-
-    return int(tf.distribute.get_strategy().num_replicas_in_sync)
 
 
 @keras.saving.register_keras_serializable(package="kquant")
@@ -325,7 +315,7 @@ class ALQ(keras.optimizers.Optimizer):
     def _statistic_update(self, variable, gradient):
         """The variable takes its gradient (the replica sum of one global value each, so
         divided by the replica count) unless the step is skipped (then it is NaN)."""
-        value = ops.cast(gradient, variable.dtype) / float(_summed_replicas())
+        value = ops.cast(gradient, variable.dtype) / float(distribute.summed_gradient_replicas())
         self.assign(variable, ops.where(ops.all(ops.isfinite(value)), value,
                                         ops.convert_to_tensor(variable)))
 
@@ -348,19 +338,18 @@ class ALQ(keras.optimizers.Optimizer):
         state = [ops.convert_to_tensor(v) for v in (bases_var, alpha_var, mask_var, *slots)]
         state[0] = ops.cast(state[0], "float32")
         phase = ops.clip(ops.convert_to_tensor(self._phase), 0, len(PHASES) - 1)
-        new = self._layer_step(layer)(gradient, finite, lr, t, phase, *state)
+        new = self._layer_step(index)(gradient, finite, lr, t, phase, *state)
         self.assign(bases_var, ops.cast(new[0], bases_var.dtype))
         for target, value in zip((alpha_var, *slots), new[1:]):
             self.assign(target, value)
 
-    def _layer_step(self, layer):
-        """The layer's step as a pure function of tensors; on TensorFlow outside XLA
-        compiled by XLA on its own (see :func:`steps.compile_with_xla`)."""
-        steps_by_layer = self.__dict__.setdefault("_compiled_steps", {})
-        key = id(layer)
-        if key not in steps_by_layer:
-            steps_by_layer[key] = steps.compile_with_xla(self._pure_step(layer))
-        return steps_by_layer[key]
+    def _layer_step(self, index):
+        """The step of the layer owning variable ``index``, a pure function of tensors; on
+        TensorFlow outside XLA compiled by XLA on its own (:func:`steps.compile_with_xla`)."""
+        compiled = self.__dict__.setdefault("_compiled_steps", {})
+        if index not in compiled:
+            compiled[index] = steps.compile_with_xla(self._pure_step(self._owner_layers[index]))
+        return compiled[index]
 
     def _pure_step(self, layer):
         b1, b2, eps, ridge, search = self.beta_1, self.beta_2, self.epsilon, self.ridge, self.search

@@ -143,8 +143,8 @@ SEARCHES = ("auto", "sorted", "exhaustive")
 #: ``search="auto"``: the exhaustive search wherever XLA compiles the step (one
 #: fused loop; the ALQ optimizer compiles its layer step with XLA on TensorFlow
 #: even when the train step is not, :func:`compile_with_xla`); outside XLA
-#: (torch, ``tf.distribute`` replicas, eager calls) the exhaustive search for ``I ≤ EXHAUSTIVE_MAX_BITS``
-#: and the sorted one above (``2^I`` un-fused passes would each re-read the weights).
+#: (torch, ``tf.distribute`` replicas, eager calls) the exhaustive search for
+#: ``I ≤ EXHAUSTIVE_MAX_BITS`` and the sorted one above (``2^I`` un-fused passes would each re-read the weights).
 EXHAUSTIVE_MAX_BITS = 2
 
 
