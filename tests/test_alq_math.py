@@ -250,3 +250,45 @@ def test_bases_search_name_is_checked():
     with pytest.raises(ValueError, match="search"):
         steps.nearest_bases(ops.zeros((1, 2)), ops.ones((1, 2, 1)), ops.ones((1, 1)),
                             ops.ones((1, 1)), search="binary")
+
+
+@pytest.mark.core
+@pytest.mark.parametrize("bits", [1, 3, 6])
+def test_refit_from_codes_decode_and_project_match_numpy_also_under_xla(bits):
+    """The bases step's code-histogram refit equals Eq. 23 on the decoded bases, and the
+    XLA forms of ``decode``/``project`` (multiply-reduce) equal the matmul forms."""
+    import keras
+
+    rng = _rng(40 + bits)
+    g, n, ridge = 7, 33, 1e-6
+    codes = rng.integers(0, 2**bits, size=(g, n)).astype("int32")
+    mask = (rng.random((g, bits)) < 0.7).astype("float32")
+    mask[0] = 0.0
+    mask[1] = 1.0
+    alpha = rng.uniform(0.1, 1.0, size=(g, bits)).astype("float32")
+    grad = rng.normal(size=(g, n)).astype("float32")
+    h = rng.uniform(0.5, 2.0, size=(g, n)).astype("float32")
+    w_old = rng.normal(size=(g, n)).astype("float32")
+    bases = steps.sign_patterns(bits)[codes]                           # [G, n, I]
+    t = ops.convert_to_tensor
+
+    def run(fn, *args):
+        if keras.backend.backend() == "tensorflow":  # also the XLA forms, compiled
+            import tensorflow as tf
+
+            compiled = tf.function(fn, jit_compile=True)(*(t(a) for a in args))
+            return ops.convert_to_numpy(fn(*(t(a) for a in args))), ops.convert_to_numpy(compiled)
+        out = ops.convert_to_numpy(fn(*(t(a) for a in args)))
+        return out, out
+
+    for got in run(lambda *a: steps.refit_from_codes(*a, ridge=ridge), codes, mask, grad, h, w_old):
+        want = ops.convert_to_numpy(steps.refit_coordinates(
+            t(bases), t(mask), t(grad), t(h), t(w_old), ridge=ridge))
+        np.testing.assert_allclose(got, want, rtol=2e-4, atol=1e-5)
+        assert (got[mask == 0] == 0).all()
+    for got in run(steps.decode, bases, alpha, mask):
+        np.testing.assert_allclose(got, np.einsum("gni,gi->gn", bases, alpha * mask), rtol=1e-6,
+                                   atol=1e-6)
+    for got in run(steps.project, grad, bases):
+        np.testing.assert_allclose(got, np.einsum("gn,gni->gi", grad, bases), rtol=1e-5,
+                                   atol=1e-5)

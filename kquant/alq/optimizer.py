@@ -361,7 +361,7 @@ class ALQ(keras.optimizers.Optimizer):
             m = b1 * m + (1 - b1) * g_w
             v = b2 * v + (1 - b2) * g_w * g_w
             vmax = ops.maximum(vmax, v)
-            g_a = (ops.squeeze(ops.matmul(ops.expand_dims(g_w, 1), bases), 1) + l2 * alpha) * mask
+            g_a = (steps.project(g_w, bases) + l2 * alpha) * mask
             m_a = b1 * m_a + (1 - b1) * g_a
             v_a = b2 * v_a + (1 - b2) * g_a * g_a
             vmax_a = ops.maximum(vmax_a, v_a)

@@ -20,7 +20,17 @@ def sign_patterns(bits: int):
 def decode(bases, coordinates, mask):
     """``ŵ_g = B_g (α_g ⊙ mask_g)`` → ``[G, n]``."""
     bases = ops.cast(bases, coordinates.dtype)
+    if in_xla():  # one fused multiply-reduce; XLA's batched dot of [n, I]·[I] costs ~1.7×
+        return ops.sum(bases * ops.expand_dims(coordinates * mask, 1), axis=-1)
     return ops.squeeze(ops.matmul(bases, ops.expand_dims(coordinates * mask, -1)), -1)
+
+
+def project(g, bases):
+    """``B_gᵀ g_g`` → ``[G, I]`` (a weight-domain vector per group onto its bases)."""
+    bases = ops.cast(bases, g.dtype)
+    if in_xla():  # as in :func:`decode`
+        return ops.sum(bases * ops.expand_dims(g, -1), axis=1)
+    return ops.squeeze(ops.matmul(ops.expand_dims(g, 1), bases), 1)
 
 
 def levels(coordinates, mask):
@@ -229,17 +239,47 @@ def refit_coordinates(bases, mask, g, h, w_old, ridge=1e-6):
     active slots get ``λ + 10⁻⁶·(BᵀHB)_ii`` (see below).
     """
     masked = ops.cast(bases, h.dtype) * ops.expand_dims(mask, 1)          # [G, n, I]
-    size = int(bases.shape[-1])
     gram = ops.matmul(ops.transpose(masked * ops.expand_dims(h, -1), (0, 2, 1)), masked)
-    # + a relative 1e-6 of the diagonal: identical basis columns (small groups) make BᵀHB
-    # singular, and an absolute λ = 1e-6 vanishes in float32 next to a large H.
+    return _solve_refit(gram, project(h * w_old - g, masked), mask, ridge)
+
+
+def refit_from_codes(codes, mask, g, h, w_old, ridge=1e-6):
+    """:func:`refit_coordinates` for bases given by their pattern indices ``[G, n]``
+    (the bases search's output; masked slots do not enter the refit).
+
+    With ``p_k`` the sign patterns, ``BᵀHB = Σ_k H_k p_k p_kᵀ`` and
+    ``Bᵀr = Σ_k r_k p_k``, where ``H_k``, ``r_k`` sum ``h`` and ``r = H ŵ_old − g``
+    over the weights with code ``k``: one segment sum over ``[G, n]`` and two small
+    matmuls instead of batched ``[I, n]·[n, I]`` products (TF CPU, XLA, 100k weights,
+    I = 6: 0.67 vs 1.74 ms).
+    """
+    num_groups, size = int(codes.shape[0]), int(mask.shape[-1])
+    levels_count = 2**size
+    patterns = ops.convert_to_tensor(sign_patterns(size))                       # [K, I]
+    outer = ops.reshape(ops.expand_dims(patterns, 2) * ops.expand_dims(patterns, 1),
+                        (levels_count, size * size))
+    offsets = ops.expand_dims(ops.arange(num_groups, dtype="int32") * levels_count, 1)
+    ids = ops.reshape(ops.cast(codes, "int32") + offsets, (-1,))
+    data = ops.stack([ops.reshape(h, (-1,)), ops.reshape(h * w_old - g, (-1,))], axis=-1)
+    sums = ops.reshape(ops.segment_sum(data, ids, num_segments=num_groups * levels_count),
+                       (num_groups, levels_count, 2))
+    active = ops.expand_dims(mask, 1) * ops.expand_dims(mask, 2)
+    gram = ops.reshape(ops.matmul(sums[:, :, 0], outer), (num_groups, size, size)) * active
+    rhs = ops.matmul(sums[:, :, 1], patterns) * mask
+    return _solve_refit(gram, rhs, mask, ridge)
+
+
+def _solve_refit(gram, rhs, mask, ridge):
+    """The ridge-regularised solve shared by both refits (see :func:`refit_coordinates`).
+    + a relative 1e-6 of the diagonal: identical basis columns (small groups) make BᵀHB
+    singular, and an absolute λ = 1e-6 vanishes in float32 next to a large H."""
+    size = int(mask.shape[-1])
     scale = ops.diagonal(gram, axis1=-2, axis2=-1)
     diagonal = (ridge + 1e-6 * scale) * mask + (1.0 - mask)
     gram = gram + ops.expand_dims(diagonal, -1) * ops.eye(size, dtype=gram.dtype)
-    rhs = ops.matmul(ops.transpose(masked, (0, 2, 1)), ops.expand_dims(h * w_old - g, -1))
     if in_xla():
-        return cholesky_solve(gram, ops.squeeze(rhs, -1)) * mask
-    return ops.squeeze(ops.solve(gram, rhs), -1) * mask
+        return cholesky_solve(gram, rhs) * mask
+    return ops.squeeze(ops.solve(gram, ops.expand_dims(rhs, -1)), -1) * mask
 
 
 def cholesky_solve(gram, rhs):
@@ -278,8 +318,10 @@ def bases_step(bases, coordinates, mask, g, h, ridge=1e-6, moments=(), search="a
     keeps pointing along the basis it belongs to).
     """
     w_old = decode(bases, coordinates, mask)
-    new_bases = nearest_bases(w_old - g / h, bases, coordinates, mask, search)
-    new_coordinates = refit_coordinates(new_bases, mask, g, h, w_old, ridge)
+    codes = nearest_codes(w_old - g / h, coordinates, mask, search)
+    chosen = codes_to_bases(codes, int(bases.shape[-1]), bases.dtype)
+    new_bases = ops.where(ops.expand_dims(mask, 1) > 0, chosen, bases)
+    new_coordinates = refit_from_codes(codes, mask, g, h, w_old, ridge)
     return make_positive(new_bases, new_coordinates, *moments)
 
 
