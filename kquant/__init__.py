@@ -84,6 +84,20 @@ def _launched_as_cli() -> bool:
     return os.path.splitext(os.path.basename(argv0))[0] == "kquant"
 
 
+def _launched_as_entry_point() -> bool:
+    """The ``kquant`` console script, or ``python -m`` of kquant's CLI or benchmarks
+    (``sys.orig_argv``: during ``-m``'s package import ``sys.argv[0]`` is ``"-m"``)."""
+    import sys
+
+    argv = list(getattr(sys, "orig_argv", []))
+    module = argv[argv.index("-m") + 1] if "-m" in argv[:-1] else None
+    return _launched_as_cli() or module in ENTRY_MODULES
+
+
+#: ``python -m`` modules that are kquant entry points (they get :func:`kquant.runtime.configure`)
+ENTRY_MODULES = ("kquant.cli", "benchmarks", "kquant.benchmarks")
+
+
 def __dir__():
     return sorted(set(globals()) | set(_NAMES) | set(SUBMODULES))
 
@@ -121,5 +135,9 @@ __all__ = [
     "staircase",
 ]
 
+if _launched_as_entry_point():  # backend process settings, before Keras loads a backend
+    from kquant import runtime as _runtime
+
+    _runtime.configure()
 if not _launched_as_cli():
     register_serializables()

@@ -27,6 +27,8 @@ import time
 import keras
 import numpy as np
 
+from kquant import runtime
+
 
 @dataclasses.dataclass
 class BenchConfig:
@@ -135,6 +137,7 @@ def environment():
         "machine": platform.machine(),
         "processor": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
+        "runtime": runtime.settings(),
     }
     try:
         if backend == "tensorflow":
@@ -170,6 +173,9 @@ def write_result(result: Result, cfg: BenchConfig, command: str | None = None):
         md.append(f"Command: `{command}`\n")
     md.append(f"Backend: {meta['environment']['backend']}, scale: "
               f"{'tiny' if cfg.tiny else 'quick' if cfg.quick else 'full'}, dataset: {cfg.dataset}\n")
+    if meta["environment"].get("runtime"):
+        md.append("Process settings (`kquant.runtime`): " + ", ".join(
+            f"`{k}={v}`" for k, v in meta["environment"]["runtime"].items()) + "\n")
     md.append(markdown_table(result.rows, result.columns))
     (folder / "results.md").write_text("\n".join(md))
     if result.plot is not None:
