@@ -32,7 +32,7 @@ def _allocator_setting(orig_argv, argv0="-c"):
     return out.stdout.strip().splitlines()[-1]
 
 
-@pytest.mark.core
+@pytest.mark.tf_only   # a TensorFlow setting; fresh interpreters, so run it once (the TF pass)
 def test_entry_points_configure_and_a_library_import_does_not():
     assert _allocator_setting([sys.executable, "-m", "benchmarks", "overhead"]) == "true"
     assert _allocator_setting(["/venv/bin/kquant", "fit"], argv0="/venv/bin/kquant") == "true"
