@@ -260,9 +260,9 @@ def refit_from_codes(codes, mask, g, h, w_old, ridge=1e-6):
     """
     num_groups, size = int(codes.shape[0]), int(mask.shape[-1])
     levels_count = 2**size
-    patterns = ops.convert_to_tensor(sign_patterns(size))                       # [K, I]
-    outer = ops.reshape(ops.expand_dims(patterns, 2) * ops.expand_dims(patterns, 1),
-                        (levels_count, size * size))
+    signs = sign_patterns(size)                                                # [K, I]
+    patterns = ops.convert_to_tensor(signs)
+    outer = ops.convert_to_tensor(np.einsum("ki,kj->kij", signs, signs).reshape(levels_count, -1))
     offsets = ops.expand_dims(ops.arange(num_groups, dtype="int32") * levels_count, 1)
     ids = ops.reshape(ops.cast(codes, "int32") + offsets, (-1,))
     data = ops.stack([ops.reshape(h, (-1,)), ops.reshape(h * w_old - g, (-1,))], axis=-1)
@@ -275,9 +275,9 @@ def refit_from_codes(codes, mask, g, h, w_old, ridge=1e-6):
 
 
 def _solve_refit(gram, rhs, mask, ridge):
-    """The ridge-regularised solve shared by both refits (see :func:`refit_coordinates`).
-    + a relative 1e-6 of the diagonal: identical basis columns (small groups) make BᵀHB
-    singular, and an absolute λ = 1e-6 vanishes in float32 next to a large H."""
+    """``(BᵀHB + D)⁻¹ Bᵀr`` for both refits, ``D = λ + 10⁻⁶·diag(BᵀHB)`` on active slots
+    (identical basis columns, as in small groups, make BᵀHB singular, and an absolute
+    λ = 10⁻⁶ vanishes in float32 next to a large H) and 1 on masked ones (→ α = 0)."""
     size = int(mask.shape[-1])
     scale = ops.diagonal(gram, axis1=-2, axis2=-1)
     diagonal = (ridge + 1e-6 * scale) * mask + (1.0 - mask)
