@@ -13,8 +13,9 @@ iteration over DoReFa+STE on ResNet).
 
 Options (``-o KEY=VALUE``): ``model`` (default ``small_convnet``),
 ``quantizers`` (``dorefa,bwn``), ``optimizers`` (``sgd,adam``), ``variants``
-(``fcgrad,multifc,multifc_bias,lstmfc``; ``multifc_bias`` is MultiFC with FC
-biases, ``use_bias=True``), ``bits`` (1), ``hidden`` (100), ``lr`` (1e-3),
+(``fcgrad,fcgrad_identity,multifc,multifc_bias,lstmfc``; ``multifc_bias`` is
+MultiFC with FC biases, ``use_bias=True``; ``fcgrad_identity`` FCGrad with
+``init="identity"``), ``bits`` (1), ``hidden`` (100), ``lr`` (1e-3),
 ``meta_lr`` (1e-3), ``timing_steps``. Without ``lr`` each (quantizer, optimizer)
 cell trains at :data:`LEARNING_RATES` (else 1e-3); the ``lr`` column is read back
 from each trained optimizer. The tiny scale runs DoReFa × Adam with
@@ -47,9 +48,12 @@ COLUMNS = ["quantizer", "optimizer", "variant", "meta_network", "lr", "test_acc"
            "acc_vs_ste", "step_ms", "time_vs_ste"]
 
 #: variant -> (estimator name, extra estimator config); ``multifc_bias`` is our fix of the
-#: paper's bias-free MultiFC, which cannot descend on signed W̃ (BWN).
-VARIANTS = {"fcgrad": ("fcgrad", {}), "multifc": ("multifc", {}),
-            "multifc_bias": ("multifc", {"use_bias": True}), "lstmfc": ("lstmfc", {})}
+#: paper's bias-free MultiFC, which cannot descend on signed W̃ (BWN); ``fcgrad_identity``
+#: starts FCGrad's linear stack as the identity (the authors' ``symmetric_init``) instead
+#: of the random draw whose sign decides whether FCGrad starts uphill.
+VARIANTS = {"fcgrad": ("fcgrad", {}), "fcgrad_identity": ("fcgrad", {"init": "identity"}),
+            "multifc": ("multifc", {}), "multifc_bias": ("multifc", {"use_bias": True}),
+            "lstmfc": ("lstmfc", {})}
 
 
 def describe(model):
@@ -60,7 +64,7 @@ def describe(model):
                  if getattr(q, "kernel_quantizer", None) is not None}
         return "+".join(sorted(names))
     return (f"{type(net).__name__}(hidden={net.hidden}, layers={net.num_layers}, "
-            f"use_bias={net.use_bias})")
+            f"use_bias={net.use_bias}, init={net.init})")
 
 
 def _list(value):
@@ -105,7 +109,8 @@ def run(cfg):
     model_name = cfg.option("model", "small_convnet")
     quantizers = _list(cfg.option("quantizers", "dorefa" if tiny else "dorefa,bwn"))
     optimizers = _list(cfg.option("optimizers", "adam" if tiny else "sgd,adam"))
-    variants = _list(cfg.option("variants", "multifc" if tiny else "fcgrad,multifc,multifc_bias,lstmfc"))
+    variants = _list(cfg.option("variants", "multifc" if tiny else
+                                "fcgrad,fcgrad_identity,multifc,multifc_bias,lstmfc"))
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise ValueError(f"metaquant: option `variants` takes {', '.join(VARIANTS)}; got {unknown}.")

@@ -26,7 +26,7 @@ class MetaQuantEstimator(Estimator):
     fixed_meta_network = None
 
     def __init__(self, meta_network="multifc", hidden=100, num_layers=None, activation=None,
-                 use_bias=False, **kwargs):
+                 use_bias=False, init="random", **kwargs):
         super().__init__(**kwargs)
         if self.fixed_meta_network is not None:
             meta_network = self.fixed_meta_network
@@ -36,12 +36,14 @@ class MetaQuantEstimator(Estimator):
             )
         # validates hidden / num_layers / activation with the network's own rules
         probe = META_NETWORKS[meta_network](hidden=hidden, activation=activation, use_bias=use_bias,
+                                            init=init,
                                             **({} if num_layers is None else {"num_layers": num_layers}))
         self.meta_network = meta_network
         self.hidden = probe.hidden
         self.num_layers = probe.num_layers
         self.activation = activation
         self.use_bias = probe.use_bias
+        self.init = probe.init
         self._state_count = probe.state_count
         #: set only inside MetaQuant's train step: a zero tensor added to the
         #: staircase output so that its gradient is ``g_q``.
@@ -51,7 +53,7 @@ class MetaQuantEstimator(Estimator):
     def meta_spec(self) -> dict:
         return {"kind": self.meta_network, "hidden": self.hidden,
                 "num_layers": self.num_layers, "activation": self.activation,
-                "use_bias": self.use_bias}
+                "use_bias": self.use_bias, "init": self.init}
 
     # -- per-coordinate state ---------------------------------------------------
     def build(self, input_shape=None):
@@ -100,6 +102,8 @@ class MetaQuantEstimator(Estimator):
                   "activation": self.activation}
         if self.use_bias:
             config["use_bias"] = True
+        if self.init != "random":
+            config["init"] = self.init
         if self.fixed_meta_network is None:
             config["meta_network"] = self.meta_network
         return config

@@ -103,6 +103,37 @@ def _warn_if_cannot_descend(meta_network, kernels):
             UserWarning, stacklevel=3)
 
 
+def _warn_if_starts_uphill(meta_network, kernels):
+    """A linear FC stack is ``c·x + d``; FCGrad (``c·g + d``) and MultiFC on DoReFa's
+    ``W̃ ∈ [0, 1]`` (``g·(c·W̃ + d)``) point uphill at the start when the random draw
+    gave ``c ≤ 0`` and no bias term rescues it: every kernel climbs the loss until the
+    meta optimizer flips ``c``."""
+    from kquant_metaquant.calibration import DoReFaView
+    from kquant_metaquant.meta_networks import FCGradNetwork, MultiFCNetwork
+
+    if meta_network.use_bias:
+        return
+    c = meta_network.linear_scale()
+    if c is None or c > 0:
+        return
+    if isinstance(meta_network, MultiFCNetwork):
+        if not all(isinstance(k.view, DoReFaView) for k in kernels):
+            return      # signed W̃: _warn_if_cannot_descend said it
+        what = "g_W̃ = c·g·W̃ (W̃ ≥ 0)"
+    elif isinstance(meta_network, FCGradNetwork):
+        what = "g_W̃ = c·g"
+    else:
+        return
+    warnings.warn(
+        f"MetaQuant {type(meta_network).__name__}: its randomly initialised linear FC stack "
+        f"starts with c = Π kernels = {c:.3g} ≤ 0, so {what} points uphill: every kernel "
+        "climbs the loss until the meta optimizer flips the sign of c (random init, as in the "
+        "paper and the authors' code). Use init='identity' (the authors' symmetric_init: "
+        "M starts as the identity, i.e. STE), e.g. "
+        "kquant.estimators.get('fcgrad', init='identity'), or another seed.",
+        UserWarning, stacklevel=3)
+
+
 @keras.saving.register_keras_serializable(package="kquant_metaquant")
 class MetaQuant(keras.Model):
     """Wraps a kquant model and trains it with MetaQuant's late weight update.
@@ -140,11 +171,13 @@ class MetaQuant(keras.Model):
                 "agree; got " + "; ".join(f"{k.layer.name}: {s}" for s, k in specs.items()) + "."
             )
         spec = kernels[0].estimator.meta_spec()
+        restoring = isinstance(meta_network, dict)   # from_config: trained weights load next
         if isinstance(meta_network, dict):
             meta_network = keras.saving.deserialize_keras_object(meta_network)
         if meta_network is None:
             meta_network = build_meta_network(spec["kind"], spec["hidden"], spec["num_layers"],
-                                              spec["activation"], use_bias=spec["use_bias"])
+                                              spec["activation"], use_bias=spec["use_bias"],
+                                              init=spec["init"])
         if not isinstance(meta_network, MetaNetwork):
             raise TypeError("`meta_network` must be a kquant_metaquant MetaNetwork, got "
                             f"{type(meta_network).__name__}.")
@@ -158,6 +191,8 @@ class MetaQuant(keras.Model):
                     f"the estimator of layer {k.layer.name!r} ({k.estimator.meta_spec()})."
                 )
         _warn_if_cannot_descend(meta_network, kernels)
+        if not restoring:
+            _warn_if_starts_uphill(meta_network, kernels)
         self.model = model
         self.meta_network = meta_network
         self.meta_learning_rate = meta_learning_rate

@@ -139,16 +139,24 @@ def test_binary_estimator_gates_the_phi_path_at_one():
 
 
 # -- the late weight update ------------------------------------------------------------
+def _init_identity_fcgrad(hidden=4):
+    """FCGrad built with ``init="identity"`` (the authors' symmetric_init), frozen."""
+    net = kmq.build_meta_network("fcgrad", hidden=hidden, init="identity")
+    net.trainable = False
+    return net
+
+
 @needs_train_step
-@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
-def test_identity_meta_network_follows_the_ste_trajectory(optimizer):
+@pytest.mark.parametrize("optimizer, make_net", [("sgd", _identity_fcgrad), ("adam", _identity_fcgrad),
+                                                 ("sgd", _init_identity_fcgrad)])
+def test_identity_meta_network_follows_the_ste_trajectory(optimizer, make_net):
     make = {"sgd": lambda: keras.optimizers.SGD(0.2, momentum=0.9),
             "adam": lambda: keras.optimizers.Adam(0.02)}[optimizer]
     x, y = _data()
     batches = [(x[i:i + 16], y[i:i + 16]) for i in range(0, 80, 16)]
     ste = _ste_reference()
     ste.compile(optimizer=make(), loss=LOSS)
-    meta = kmq.MetaQuant(_model("fcgrad"), meta_network=_identity_fcgrad())
+    meta = kmq.MetaQuant(_model("fcgrad"), meta_network=make_net())
     for src, dst in zip(ste.layers[1:], meta.model.layers[1:]):
         dst.latent_kernel.assign(src.latent_kernel.numpy())
         dst.bias.assign(src.bias.numpy())
@@ -292,6 +300,57 @@ def test_multifc_use_bias_network_starts_near_the_gradient():
     assert again.use_bias and again.meta_spec()["use_bias"]
 
 
+# -- FCGrad's random draw: init="identity" and the uphill warning ----------------------
+@pytest.mark.parametrize("kind, layers", [("fcgrad", 1), ("fcgrad", 2), ("fcgrad", 3), ("multifc", 2)])
+def test_identity_init_starts_the_linear_stack_as_x(kind, layers):
+    net = kmq.build_meta_network(kind, hidden=100, num_layers=layers, init="identity")
+    assert net.linear_scale() == pytest.approx(1.0, rel=1e-6)
+    g = np.linspace(-1, 1, 9).astype("float32")
+    w = np.linspace(0.0, 1.0, 9).astype("float32")
+    out = keras.ops.convert_to_numpy(net.meta_gradient(g, w)[0])
+    np.testing.assert_allclose(out, g if kind == "fcgrad" else g * w, rtol=1e-6, atol=1e-7)
+    # the same maths through the activation-free matmul path (what a nonlinear stack runs)
+    relu = kmq.build_meta_network(kind, hidden=100, num_layers=layers, init="identity",
+                                  activation="relu")
+    x = np.linspace(0.0, 1.0, 9).astype("float32")
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(relu.meta_gradient(x, x)[0]),
+                               x if kind == "fcgrad" else x * x, rtol=1e-6, atol=1e-7)
+    again = kquant.estimators.get(kquant.estimators.serialize(
+        kquant.estimators.get(kind, init="identity")))
+    assert again.init == "identity" and again.meta_spec()["init"] == "identity"
+    assert kmq.FCGradNetwork.from_config(net.get_config()).init == "identity"
+
+
+def test_fcgrad_biases_start_without_an_offset_and_lstmfc_refuses_identity():
+    net = kmq.build_meta_network("fcgrad", hidden=8, use_bias=True)
+    zero = np.zeros(5, "float32")
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(net.meta_gradient(zero, zero)[0]), zero)
+    multi = kmq.build_meta_network("multifc", hidden=8, use_bias=True)
+    ones = np.ones(5, "float32")
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(multi.meta_gradient(ones, zero)[0]), ones)
+    with pytest.raises(ValueError, match="`init`"):
+        kquant.estimators.get("lstmfc", init="identity")
+    with pytest.raises(ValueError, match="`init`"):
+        kquant.estimators.get("fcgrad", init="zeros")
+
+
+@needs_train_step
+def test_a_random_draw_that_starts_uphill_warns():
+    import warnings
+
+    net = kmq.build_meta_network("fcgrad", hidden=4)
+    first, second = (keras.ops.convert_to_numpy(v) for v in net.trainable_weights)
+    net.set_weights([np.abs(first), -np.abs(second)])          # c = Π kernels < 0
+    assert net.linear_scale() < 0
+    with pytest.warns(UserWarning, match="uphill"):
+        kmq.MetaQuant(_model("fcgrad"), meta_network=net)
+    net.set_weights([np.abs(first), np.abs(second)])           # c > 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        kmq.MetaQuant(_model("fcgrad"), meta_network=net)
+        kmq.MetaQuant(_model({"name": "fcgrad", "config": {"init": "identity"}}))
+
+
 @needs_train_step
 @pytest.mark.slow
 def test_multifc_on_bwn_descends_with_biases_and_warns_without():
@@ -326,7 +385,8 @@ def test_benchmark_rows_train_the_labelled_meta_network(tmp_path):
     assert set(rows) == {"ste", "multifc_bias"}
     assert rows["ste"]["meta_network"] == "STE"
     assert bench.VARIANTS["multifc"] == ("multifc", {})   # the paper's bias-free stack
-    assert rows["multifc_bias"]["meta_network"] == "MultiFCNetwork(hidden=16, layers=2, use_bias=True)"
+    assert rows["multifc_bias"]["meta_network"] == (
+        "MultiFCNetwork(hidden=16, layers=2, use_bias=True, init=random)")
     # every variant of the cell trained at the cell's learning rate
     assert rows["ste"]["lr"] == rows["multifc_bias"]["lr"] == pytest.approx(
         bench.LEARNING_RATES[("bwn", "sgd")])
