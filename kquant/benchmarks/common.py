@@ -127,6 +127,10 @@ def markdown_table(rows, columns=None):
     return "\n".join(lines) + "\n"
 
 
+def _cpu_name():
+    return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores"
+
+
 def environment():
     """Backend, versions, devices and replica count, recorded with every result."""
     backend = keras.backend.backend()
@@ -145,11 +149,17 @@ def environment():
 
             env["tensorflow"] = tf.__version__
             env["devices"] = [d.device_type for d in tf.config.list_logical_devices()]
+            gpus = tf.config.list_physical_devices("GPU")
+            env["device"] = (tf.config.experimental.get_device_details(gpus[0]).get("device_name", "GPU")
+                             if gpus else _cpu_name())
         elif backend == "jax":
             import jax
 
             env["jax"] = jax.__version__
             env["devices"] = [d.platform for d in jax.devices()]
+            first = jax.devices()[0]
+            env["device"] = (first.device_kind if first.platform != "cpu"
+                             else _cpu_name())
     except Exception:  # pragma: no cover - informational only
         pass
     if _ACTIVE:
@@ -171,7 +181,10 @@ def write_result(result: Result, cfg: BenchConfig, command: str | None = None):
     md = [f"# {result.name}\n"]
     if command:
         md.append(f"Command: `{command}`\n")
-    md.append(f"Backend: {meta['environment']['backend']}, scale: "
+    device = meta["environment"].get("device")
+    md.append(f"Backend: {meta['environment']['backend']}"
+              + (f", device: {device}" if device else "")
+              + ", scale: "
               f"{'tiny' if cfg.tiny else 'quick' if cfg.quick else 'full'}, dataset: {cfg.dataset}\n")
     if meta["environment"].get("runtime"):
         md.append("Process settings (`kquant.runtime`): " + ", ".join(
