@@ -111,6 +111,48 @@ def test_mad_tail_is_clip_bound_over_magnitude():
     np.testing.assert_allclose(g, [0.5, 2 / 3, 0.25, 0.8, 1.0, 1.0], rtol=1e-6)
 
 
+class _UnfusedDoReFa(kquant.quantizers.DoReFa):
+    """DoReFa through the generic pre → estimator → post path (autodiff of the maps)."""
+
+    def pre(self, x, training=None):
+        return super().pre(x, training=training)
+
+
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("bits", [1, 3])
+@pytest.mark.parametrize("name", ["ste", "htge"])
+def test_dorefa_gradient_equals_formula_with_the_max_and_its_ties(name, bits, ties):
+    """DoReFa's one-pass gradient (``DoReFa.fused``) equals the formula and autodiff of
+    its maps: with ``t = tanh W``, ``M = max|t|``, ``z = k(t/2M + ½)``,
+    ``g_w = 2·F'(s)·g``: ``∂ℓ/∂W = (1 − t²)(g_w/2M + sign(t)·1{|t| = M}/#{|t| = M}·∂ℓ/∂M)``,
+    ``∂ℓ/∂M = −2Σ g_w·t/(2M)²`` — the max's gradient split over its ties (±W both)."""
+    kwargs, formula = FORMULAS[name]
+    rng = np.random.default_rng(bits)
+    w = rng.uniform(-0.7, 0.7, 37).astype("float32")
+    w[5] = 0.9
+    if ties:
+        w[11], w[23] = -0.9, 0.9          # |t| = M three times, both signs
+    up = rng.normal(size=w.shape).astype("float32")
+    grads = {}
+    for cls in (kquant.quantizers.DoReFa, _UnfusedDoReFa):
+        q = cls(bits=bits, estimator=estimators.get(name, **kwargs))
+        q.build(w.shape)
+        _, (grads[cls.__name__],) = grad(
+            lambda v: ops.sum(ops.multiply(q(v, training=True), ops.convert_to_tensor(up))), w)
+
+    k = 2.0**bits - 1
+    t = np.tanh(w.astype("float64"))
+    m = np.abs(t).max()
+    z = k * (t / (2 * m) + 0.5)
+    g_w = 2 * formula(_boundary_distance(z, 0, k)) * up
+    tie = np.abs(t) == m
+    g_m = -2 * np.sum(g_w * t) / (2 * m) ** 2
+    expected = (1 - t * t) * (g_w / (2 * m) + np.sign(t) * tie / tie.sum() * g_m)
+    assert tie.sum() == (3 if ties else 1)
+    np.testing.assert_allclose(grads["DoReFa"], expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(grads["DoReFa"], grads["_UnfusedDoReFa"], rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("name", builtin_names())
 def test_sign_input_gradient_equals_formula(name):
     kwargs, formula = FORMULAS[name]

@@ -92,6 +92,44 @@ def test_uniform_learnable_step_initialises_from_data_and_gets_gradient():
     _ = grad
 
 
+class _UnfusedUniform(Uniform):
+    """Uniform through the generic pre → estimator → post path (autodiff of the maps)."""
+
+    def pre(self, x, training=None):
+        return super().pre(x, training=training)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(bits=3), dict(bits=4, symmetric=False), dict(bits=3, per_channel=True),
+    dict(bits=2, symmetric=False, offset=0.1, lsq_grad_scale=False),
+], ids=["symmetric", "asymmetric", "per_channel", "offset"])
+@pytest.mark.parametrize("estimator", ["ste", "htge"])
+def test_uniform_learnable_step_gradients_equal_autodiff_of_the_maps(kwargs, estimator):
+    """The one-pass gradient (``Uniform.fused``) w.r.t. the input and the learnable step Δ
+    equals autodiff of ``Δ·F(clip((x − m)/Δ)) + m``: ``∂ℓ/∂x = F'(s)·g``,
+    ``∂ℓ/∂Δ = Σ(g·q − F'(s)·g·z)`` times LSQ's scale."""
+    from kquant.testing import grad, variable_grads
+
+    rng = np.random.default_rng(len(kwargs))
+    x = rng.normal(size=(16, 3)).astype("float32")
+    x[0, 0] = 9.0                                   # past the clip bound
+    up = ops.convert_to_tensor(rng.normal(size=x.shape).astype("float32"))
+    results = {}
+    for cls in (Uniform, _UnfusedUniform):
+        q = cls(estimator=estimator, **kwargs)
+        q.build(x.shape)
+        q(x, training=True)                         # data-initialised step
+        loss = lambda v, q=q: ops.sum(ops.multiply(q(v, training=True), up))  # noqa: E731
+        _, (g_x,) = grad(loss, x)
+        g_step = variable_grads(q, lambda q=q, loss=loss: loss(ops.convert_to_tensor(x)))
+        results[cls.__name__] = (g_x, g_step)
+    (fx, fs), (ux, us) = results["Uniform"], results["_UnfusedUniform"]
+    np.testing.assert_allclose(fx, ux, rtol=1e-5, atol=1e-6)
+    assert len(fs) == len(us) >= 1 and all(g is not None and np.abs(g).sum() > 0 for g in fs)
+    for a, b in zip(fs, us):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("q", [Sign(), BWN(), BWN(per_channel=True), DoReFa(bits=3),
                                Uniform(bits=4, step=0.1), Uniform(bits=3, symmetric=False),
                                Uniform(bits=5, per_channel=True)],
