@@ -25,6 +25,8 @@ from __future__ import annotations
 import keras
 from keras import ops
 
+from kquant.reductions import total_sum
+
 
 def _tf_replica_context():
     """The TF replica context when more than one replica runs in sync, else ``None``."""
@@ -82,7 +84,7 @@ def summed_gradient_replicas() -> int:
 def global_sum_and_count(x, axis=None):
     """``(Σ x, number of elements)`` over ``axis`` of the global batch, in ``x``'s dtype."""
     x = ops.convert_to_tensor(x)
-    total = ops.sum(x, axis=axis)
+    total = total_sum(x) if axis is None else ops.sum(x, axis=axis)
     rank = len(x.shape)
     axes = range(rank) if axis is None else ([axis] if isinstance(axis, int) else axis)
     count = ops.cast(1, x.dtype)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 from keras import ops
 
+from kquant.xla import compile_with_xla, in_xla  # noqa: F401  (steps.compile_with_xla: the optimizer)
+
 
 def sign_patterns(bits: int):
     """All ``2^bits`` rows ``b ∈ {±1}^bits`` (row k, column i: ``1 − 2·bit_i(k)``), float32."""
@@ -156,46 +158,6 @@ SEARCHES = ("auto", "sorted", "exhaustive")
 #: (torch, ``tf.distribute`` replicas, eager calls) the exhaustive search for
 #: ``I ≤ EXHAUSTIVE_MAX_BITS`` and the sorted one above (``2^I`` un-fused passes would each re-read the weights).
 EXHAUSTIVE_MAX_BITS = 2
-
-
-def in_xla() -> bool:
-    """Backend seam: whether the step is being compiled by XLA (JAX: always;
-    TensorFlow: inside a ``jit_compile`` function; torch: never)."""
-    import keras
-
-    backend = keras.backend.backend()
-    if backend == "jax":
-        return True
-    if backend == "tensorflow":
-        import tensorflow as tf
-        from tensorflow.python.ops import control_flow_util
-
-        return (not tf.executing_eagerly()
-                and control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()))
-    return False
-
-
-def compile_with_xla(fn):
-    """Backend seam: ``fn`` (a pure function of tensors), run XLA-compiled where the
-    step around it is not: TensorFlow without ``jit_compile``, outside
-    ``tf.distribute`` (decided per call, at trace time; a strategy's replicas
-    would each compile it at every trace: the ALQ pipeline test on 2 replicas
-    took 129 s instead of 40). Everywhere else ``fn`` itself runs (JAX and
-    ``jit_compile`` steps are compiled already; torch has no XLA)."""
-    import keras
-
-    if keras.backend.backend() != "tensorflow":
-        return fn
-    import tensorflow as tf
-
-    compiled = tf.function(fn, jit_compile=True, autograph=False)
-
-    def run(*args):
-        if in_xla() or tf.distribute.has_strategy():
-            return fn(*args)
-        return compiled(*(tf.convert_to_tensor(a) for a in args))
-
-    return run
 
 
 def resolve_search(search, bits):

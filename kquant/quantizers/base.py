@@ -25,6 +25,7 @@ import numpy as np
 from keras import ops
 
 from kquant import estimators
+from kquant.reductions import total_sum
 
 #: Significant bits of a float dtype: up to this many bits, the ``2^bits``
 #: integer levels of a quantizer stay distinct after a cast to it.
@@ -65,7 +66,7 @@ def apply_slope(g, slope, s_fn):
 def sum_to(g, target):
     """``g`` summed over the axes that ``target`` broadcasts along, in ``target``'s shape."""
     if len(target.shape) == 0:
-        return ops.sum(g)
+        return total_sum(g)
     axes = [i for i, d in enumerate(target.shape) if d == 1 and g.shape[i] != 1]
     return ops.reshape(ops.sum(g, axis=axes, keepdims=True), ops.shape(target))
 

@@ -11,6 +11,7 @@ from keras import ops
 
 from kquant.estimators.base import as_tensor
 from kquant.quantizers.base import Quantizer, apply_slope, check_bits
+from kquant.reductions import total_max, total_sum
 from kquant.staircase import Staircase
 
 
@@ -55,7 +56,7 @@ class DoReFa(Quantizer):
         @ops.custom_gradient
         def fn(x):
             t = ops.tanh(x)
-            big = ops.maximum(ops.max(t), -ops.min(t))  # max|t|, without an |t| tensor
+            big = total_max(ops.abs(t))
             two_m = 2.0 * ops.maximum(big, 1e-12)
             z = k * (t / two_m + 0.5)
             y = (2.0 * st.hard(z) - k) / k
@@ -63,9 +64,9 @@ class DoReFa(Quantizer):
             def grad(*args, upstream=None):
                 g = args[0] if upstream is None else upstream
                 g_w = k * apply_slope(2.0 * g / k, slope, lambda: st.distance(z))
-                g_big = ops.where(big >= 1e-12, -2.0 * ops.sum(g_w * t) / (two_m * two_m), 0.0)
+                g_big = ops.where(big >= 1e-12, -2.0 * total_sum(g_w * t) / (two_m * two_m), 0.0)
                 ties = ops.cast(ops.logical_or(t == big, t == -big), t.dtype)
-                g_t = g_w / two_m + ops.sign(t) * ties * (g_big / ops.sum(ties))
+                g_t = g_w / two_m + ops.sign(t) * ties * (g_big / total_sum(ties))
                 return g_t * (1.0 - t * t)
 
             return y, grad

@@ -1,0 +1,53 @@
+"""Whole-tensor sums and maxima that TensorFlow's XLA reduces at memory speed.
+
+TensorFlow's XLA:CPU (TF 2.21) emits a full reduction of a fused element-wise body (``Σ g·tanh W``,
+``max |W|``) as one scalar loop: on a 2048×2048 kernel it measured 2.9 ms
+for ``max|W|`` and 5.2 ms for ``Σ g·tanh W`` against 2.1 ms for a whole
+element-wise ``tanh`` pass (TF 2.21, 2 cores, ``jit_compile=True``). Folding
+the tensor to ``[k, n/k]``, reducing over the *major* axis (a vectorised
+element-wise loop over ``n/k`` outputs), adding the two halves of that row
+(which stops XLA merging the two reductions back into one) and reducing the
+rest measured 1.2 ms and 2.4 ms. The result is the same sum in another order
+(and exactly the same maximum). Only where TensorFlow's XLA compiles the code
+(:func:`kquant.xla.in_xla`): TensorFlow's own kernels reduce at full speed
+(folded: 4.7 vs 4.6 ms, 3.1 vs 2.8 ms), and JAX 0.10's XLA reduces the plain
+form fast (``max|W|`` 1.2 ms, ``Σ g·tanh W`` 3.7 ms) and the folded one
+12–15× slower. Tensors whose size is unknown or not
+divisible by ``2k`` take the plain reduction. The values of these functions
+are meant for custom gradients: autodiff of a folded maximum would not split
+the gradient over ties the way ``ops.max`` does.
+"""
+
+from __future__ import annotations
+
+import math
+
+import keras
+from keras import ops
+
+from kquant.xla import in_xla
+
+FOLD = 8  # rows of the first, major-axis reduction (4–16 measured alike; 32 slower)
+
+
+def _fold_here() -> bool:
+    return keras.backend.backend() == "tensorflow" and in_xla()
+
+
+def _folded(x, reduce, combine):
+    size = None if any(d is None for d in x.shape) else math.prod(int(d) for d in x.shape)
+    if size is None or size < 4 * FOLD or size % (2 * FOLD) or not _fold_here():
+        return reduce(x)
+    rows = reduce(ops.reshape(x, (FOLD, size // FOLD)), axis=0)
+    half = size // (2 * FOLD)
+    return reduce(combine(rows[:half], rows[half:]))
+
+
+def total_sum(x):
+    """``Σ x`` over every element (a scalar)."""
+    return _folded(ops.convert_to_tensor(x), ops.sum, ops.add)
+
+
+def total_max(x):
+    """``max x`` over every element (a scalar)."""
+    return _folded(ops.convert_to_tensor(x), ops.max, ops.maximum)

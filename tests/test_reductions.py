@@ -1,0 +1,137 @@
+"""Whole-tensor reductions (``kquant.reductions``): the folded form XLA-compiled on
+TensorFlow gives the plain reduction's values, and the fused quantizer gradients
+that use it equal their formulas there."""
+
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+import kquant
+from kquant import reductions
+
+pytestmark = pytest.mark.core
+
+SHAPES = [(37,), (64, 48), (3, 3, 16, 32)]   # 37: not foldable, plain reduction
+
+
+def _compiled(fn):
+    """``fn`` compiled as users' steps are: ``jit_compile`` on TF, ``jax.jit``, eager torch."""
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return tf.function(fn, jit_compile=True)
+    if backend == "jax":
+        import jax
+
+        return jax.jit(fn)
+    return fn
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_total_sum_and_max_equal_numpy_eager_and_compiled(shape):
+    x = np.random.default_rng(len(shape)).normal(size=shape).astype("float32")
+    x.flat[7] = x.flat[-3] = np.abs(x).max() + 1.0        # a tied maximum
+    for run in (lambda f: f, _compiled):
+        total, big = (ops.convert_to_numpy(v) for v in run(
+            lambda v: (reductions.total_sum(v), reductions.total_max(ops.abs(v))))(
+                ops.convert_to_tensor(x)))
+        assert big == np.abs(x).max()
+        np.testing.assert_allclose(total, x.astype("float64").sum(), rtol=1e-5, atol=1e-5)
+
+
+def test_fold_only_where_tensorflow_xla_compiles():
+    seen = []
+
+    def probe(v):
+        seen.append(reductions._fold_here())
+        return reductions.total_sum(v)
+
+    x = ops.ones((16, 16))
+    probe(x)
+    _compiled(probe)(x)
+    assert seen == [False, keras.backend.backend() == "tensorflow"]
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_dorefa_fused_gradient_compiled_equals_formula(ties):
+    """DoReFa 2-bit (STE) on a foldable kernel, compiled: ``∂ℓ/∂W = (1 − t²)(g_w/2M +
+    sign(t)·1{|t| = M}/#{|t| = M}·∂ℓ/∂M)``, ``∂ℓ/∂M = −2Σ g_w·t/(2M)²``, ``g_w = 2g``."""
+    rng = np.random.default_rng(int(ties))
+    w = rng.uniform(-0.7, 0.7, (64, 48)).astype("float32")
+    w[3, 5] = 0.9
+    if ties:
+        w[10, 11], w[60, 23] = -0.9, 0.9
+    up = rng.normal(size=w.shape).astype("float32")
+    q = kquant.quantizers.DoReFa(bits=2, estimator="ste")
+    q.build(w.shape)
+    got = ops.convert_to_numpy(_compiled(_grad_fn(q, up))(ops.convert_to_tensor(w)))
+
+    t = np.tanh(w.astype("float64"))
+    m = np.abs(t).max()
+    g_w = 2 * up
+    tie = np.abs(t) == m
+    g_m = -2 * np.sum(g_w * t) / (2 * m) ** 2
+    expected = (1 - t * t) * (g_w / (2 * m) + np.sign(t) * tie / tie.sum() * g_m)
+    assert tie.sum() == (3 if ties else 1)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_uniform_step_gradient_compiled_equals_formula():
+    """Uniform 2-bit, learned step Δ (LSQ scale off), clipped STE (LSQ's step gradient):
+    ``∂ℓ/∂Δ = Σ g·(q − z·1{lo ≤ z ≤ hi})``, reaching ``c`` (``Δ = Δ₀·|c|``, ``c = 1``) as ``Δ₀·∂ℓ/∂Δ``."""
+    rng = np.random.default_rng(5)
+    w = rng.normal(0, 0.05, (64, 48)).astype("float32")
+    up = rng.normal(size=w.shape).astype("float32")
+    q = kquant.quantizers.Uniform(bits=2, estimator="clipped_ste", lsq_grad_scale=False)
+    q.build(w.shape)
+    q(ops.convert_to_tensor(w), training=True)         # initialise Δ from the data
+    step = float(ops.convert_to_numpy(q.step_init))
+
+    def loss_grads(v):
+        if keras.backend.backend() == "jax":
+            import jax
+
+            return jax.grad(lambda s: ops.sum(ops.multiply(
+                q.stateless_call([s], [ops.convert_to_tensor(q.step_init),
+                                       ops.convert_to_tensor(q.initialized)], v,
+                                 training=True)[0], ops.convert_to_tensor(up))))(
+                ops.convert_to_tensor(q.step_scale))
+        return _grad_fn(q, up, wrt=q.step_scale)(v)
+
+    got = float(ops.convert_to_numpy(_compiled(loss_grads)(ops.convert_to_tensor(w))))
+    z = w.astype("float64") / step
+    levels = np.floor(np.clip(z, -2, 1) + 0.5)
+    inside = (z >= -2) & (z <= 1)
+    expected = step * np.sum(up * (levels - z * inside))
+    assert 0 < inside.sum() < inside.size
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
+
+
+def _grad_fn(q, up, wrt=None):
+    """``v ↦ ∂Σ(q(v)·up)/∂(v or wrt)`` on TensorFlow, JAX or torch."""
+    backend = keras.backend.backend()
+    upstream = ops.convert_to_tensor(up)
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        def fn(v):
+            with tf.GradientTape() as tape:
+                tape.watch(v)
+                loss = tf.reduce_sum(q(v, training=True) * upstream)
+            return tape.gradient(loss, v if wrt is None else wrt.value)
+        return fn
+    if backend == "jax":
+        import jax
+
+        return jax.grad(lambda v: ops.sum(q(v, training=True) * upstream))
+    import torch
+
+    def fn(v):
+        v = v.clone().requires_grad_(True)
+        target = v if wrt is None else wrt.value
+        loss = ops.sum(q(v, training=True) * upstream)
+        (g,) = torch.autograd.grad(loss, [target])
+        return g
+    return fn
