@@ -47,3 +47,25 @@ def compile_with_xla(fn):
         return compiled(*(tf.convert_to_tensor(a) for a in args))
 
     return run
+
+
+def compiled_in_graph(fn):
+    """Backend seam: ``fn`` (a pure function of tensors) XLA-compiled when TensorFlow
+    traces it into a graph that XLA does not compile — a ``jit_compile=False`` train
+    step, Keras' default on a CPU-only TensorFlow — outside ``tf.distribute``; else
+    ``fn`` itself (eager calls would compile at every call; JAX and ``jit_compile``
+    steps are compiled already; torch has no XLA). Decided when called, at trace time.
+
+    For a quantizer's fused forward and backward: TensorFlow's kernels run each
+    element-wise op as its own pass over the kernel, XLA one fused loop (DoReFa
+    2-bit, Dense 2048 train step without ``jit_compile``: 1.86× → 1.35× the float
+    step)."""
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        return fn
+    import tensorflow as tf
+
+    if tf.executing_eagerly() or in_xla() or tf.distribute.has_strategy():
+        return fn
+    return tf.function(fn, jit_compile=True, autograph=False)

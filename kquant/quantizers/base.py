@@ -107,8 +107,10 @@ class Quantizer(keras.layers.Layer):
         (``1.0`` for STE). The value and every gradient equal the generic path's (the
         chain rule written out, equal up to float rounding); the point is cost: the
         backward is a few elementwise products plus the reductions the formula needs,
-        instead of autodiff through every intermediate op, and it reuses the forward's
-        ``z`` (``tanh W``) rather than saving F'(s) or recomputing statistics. A subclass
+        instead of autodiff through every intermediate op; it recomputes ``z`` (``tanh W``)
+        from the latent value rather than saving it or F'(s), and reuses the forward's
+        statistics (``max|tanh W|``). Both halves are pure functions of tensors, XLA-compiled
+        inside a TensorFlow graph that XLA does not compile (:func:`kquant.xla.compiled_in_graph`). A subclass
         that overrides ``pre``/``post``/``staircase`` gets the generic path (:meth:`_fusable`).
         """
         return None

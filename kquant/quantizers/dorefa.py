@@ -12,6 +12,7 @@ from keras import ops
 from kquant.estimators.base import as_tensor
 from kquant.quantizers.base import Quantizer, apply_slope, check_bits
 from kquant.reductions import total_max, total_sum
+from kquant.xla import compiled_in_graph
 from kquant.staircase import Staircase
 
 
@@ -53,21 +54,29 @@ class DoReFa(Quantizer):
         k = float(2**self.bits - 1)
         st = self.staircase
 
-        @ops.custom_gradient
-        def fn(x):
+        def forward(x):
             t = ops.tanh(x)
             big = total_max(ops.abs(t))
+            z = k * (t / (2.0 * ops.maximum(big, 1e-12)) + 0.5)
+            return (2.0 * st.hard(z) - k) / k, big
+
+        def backward(g, x, big):  # t recomputed: one fused pass instead of two saved tensors
+            t = ops.tanh(x)
             two_m = 2.0 * ops.maximum(big, 1e-12)
-            z = k * (t / two_m + 0.5)
-            y = (2.0 * st.hard(z) - k) / k
+            g_w = k * apply_slope(2.0 * g / k, slope, lambda: st.distance(k * (t / two_m + 0.5)))
+            g_big = ops.where(big >= 1e-12, -2.0 * total_sum(g_w * t) / (two_m * two_m), 0.0)
+            ties = ops.cast(ops.abs(t) == big, t.dtype)
+            g_t = g_w / two_m + ops.sign(t) * ties * (g_big / total_sum(ties))
+            return g_t * (1.0 - t * t)
+
+        forward, backward = compiled_in_graph(forward), compiled_in_graph(backward)
+
+        @ops.custom_gradient
+        def fn(x):
+            y, big = forward(x)
 
             def grad(*args, upstream=None):
-                g = args[0] if upstream is None else upstream
-                g_w = k * apply_slope(2.0 * g / k, slope, lambda: st.distance(z))
-                g_big = ops.where(big >= 1e-12, -2.0 * total_sum(g_w * t) / (two_m * two_m), 0.0)
-                ties = ops.cast(ops.logical_or(t == big, t == -big), t.dtype)
-                g_t = g_w / two_m + ops.sign(t) * ties * (g_big / total_sum(ties))
-                return g_t * (1.0 - t * t)
+                return backward(args[0] if upstream is None else upstream, x, big)
 
             return y, grad
 

@@ -10,10 +10,12 @@
 
 from keras import ops
 
+from kquant.estimators.base import as_tensor
 from kquant.quantizers import channels
 from kquant.validation import check_bool
-from kquant.quantizers.base import Quantizer
+from kquant.quantizers.base import Quantizer, apply_slope
 from kquant.staircase import Staircase
+from kquant.xla import compiled_in_graph
 
 _SIGN = Staircase.sign()
 
@@ -36,6 +38,12 @@ class Sign(Quantizer):
 
     def post(self, q, params):
         return q
+
+    def fused(self, x, slope, training=None):
+        """``sign(x)`` with ``∂ℓ/∂x = F'(x)·g`` in one custom-gradient function."""
+        if not self._fusable(Sign):
+            return None
+        return _fused_sign(x, slope, None)
 
 
 class BWN(Quantizer):
@@ -66,6 +74,12 @@ class BWN(Quantizer):
     def post(self, q, params):
         return q * params["scale"]
 
+    def fused(self, x, slope, training=None):
+        """``a·sign(W)``, ``a = mean|W|`` held constant: ``∂ℓ/∂W = a·F'(W)·g``."""
+        if not self._fusable(BWN):
+            return None
+        return _fused_sign(x, slope, self.pre(x, training)[1]["scale"])
+
     def extra_bits(self, shape):
         return 32 * (channels.channel_count(shape, self.channel_axes) if self.per_channel else 1)
 
@@ -74,3 +88,28 @@ class BWN(Quantizer):
         if self.channel_axes is not None:  # absent: configs saved before it existed still load
             config["channel_axes"] = list(self.channel_axes)
         return config
+
+
+def _fused_sign(x, slope, scale):
+    """``scale·sign(x)`` (``scale`` ``None``: 1) and its estimator's gradient, each half
+    one pass (:func:`kquant.xla.compiled_in_graph`)."""
+
+    def forward(x, *scale):
+        q = _SIGN.hard(x)
+        return q * scale[0] if scale else q
+
+    def backward(g, x, *scale):
+        g = apply_slope(g, slope, lambda: x)
+        return g * scale[0] if scale else g
+
+    forward, backward = compiled_in_graph(forward), compiled_in_graph(backward)
+    extra = () if scale is None else (scale,)
+
+    @ops.custom_gradient
+    def fn(x):
+        def grad(*args, upstream=None):
+            return backward(args[0] if upstream is None else upstream, x, *extra)
+
+        return forward(x, *extra), grad
+
+    return fn(as_tensor(x))

@@ -33,6 +33,7 @@ from kquant.estimators.base import as_tensor
 from kquant.quantizers.base import Quantizer, apply_slope, check_bits, sum_to
 from kquant.staircase import Staircase
 from kquant.validation import check_bool, check_number
+from kquant.xla import compiled_in_graph
 
 
 class Uniform(Quantizer):
@@ -140,18 +141,27 @@ class Uniform(Quantizer):
         step = self._step(x, training)
         st, offset = self.staircase, self.offset
 
+        def levels(x, step):
+            z = (x - offset if offset else x) / step
+            return z, st.hard(z)
+
+        def forward(x, step):
+            _, q = levels(x, step)
+            return q * step + offset if offset else q * step
+
+        def backward(g, x, step):  # z, q recomputed: one fused pass instead of saved tensors
+            z, q = levels(x, step)
+            g_z = apply_slope(g * step, slope, lambda: st.distance(z))
+            return g_z / step, sum_to(g * q - g_z * z / step, step)
+
+        forward, backward = compiled_in_graph(forward), compiled_in_graph(backward)
+
         @ops.custom_gradient
         def fn(x, step):
-            z = (x - offset if offset else x) / step
-            q = st.hard(z)
-            y = q * step + offset if offset else q * step
-
             def grad(*args, upstream=None):
-                g = args[0] if upstream is None else upstream
-                g_z = apply_slope(g * step, slope, lambda: st.distance(z))
-                return g_z / step, sum_to(g * q - g_z * z / step, step)
+                return backward(args[0] if upstream is None else upstream, x, step)
 
-            return y, grad
+            return forward(x, step), grad
 
         return fn(as_tensor(x), as_tensor(step))
 

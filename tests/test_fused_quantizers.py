@@ -1,6 +1,8 @@
-"""Whole-tensor reductions (``kquant.reductions``): the folded form XLA-compiled on
-TensorFlow gives the plain reduction's values, and the fused quantizer gradients
-that use it equal their formulas there."""
+"""Fused quantizers (``Quantizer.fused``) where users run them — eager, in a TensorFlow
+graph without XLA (their halves then XLA-compiled on their own,
+``kquant.xla.compiled_in_graph``) and compiled — and the whole-tensor reductions
+they use (``kquant.reductions``, folded under TensorFlow's XLA): values and
+gradients equal the formulas in every mode."""
 
 import keras
 import numpy as np
@@ -15,13 +17,21 @@ pytestmark = pytest.mark.core
 SHAPES = [(37,), (64, 48), (3, 3, 16, 32)]   # 37: not foldable, plain reduction
 
 
-def _compiled(fn):
-    """``fn`` compiled as users' steps are: ``jit_compile`` on TF, ``jax.jit``, eager torch."""
+MODES = ["eager", "graph", "compiled"]
+
+
+def _run(fn, mode):
+    """``fn`` as users' steps run it: eager; in a TF graph without XLA (Keras' default
+    on a CPU-only TensorFlow); compiled (``jit_compile`` on TF, ``jax.jit``; torch: eager)."""
+    if mode == "eager":
+        return fn
     backend = keras.backend.backend()
     if backend == "tensorflow":
         import tensorflow as tf
 
-        return tf.function(fn, jit_compile=True)
+        return tf.function(fn, jit_compile=mode == "compiled")
+    if mode == "graph":
+        pytest.skip("a graph without XLA is TensorFlow's")
     if backend == "jax":
         import jax
 
@@ -29,16 +39,20 @@ def _compiled(fn):
     return fn
 
 
+def _compiled(fn):
+    return _run(fn, "compiled")
+
+
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_total_sum_and_max_equal_numpy_eager_and_compiled(shape):
+def test_total_sum_and_max_equal_numpy(shape, mode):
     x = np.random.default_rng(len(shape)).normal(size=shape).astype("float32")
     x.flat[7] = x.flat[-3] = np.abs(x).max() + 1.0        # a tied maximum
-    for run in (lambda f: f, _compiled):
-        total, big = (ops.convert_to_numpy(v) for v in run(
-            lambda v: (reductions.total_sum(v), reductions.total_max(ops.abs(v))))(
-                ops.convert_to_tensor(x)))
-        assert big == np.abs(x).max()
-        np.testing.assert_allclose(total, x.astype("float64").sum(), rtol=1e-5, atol=1e-5)
+    total, big = (ops.convert_to_numpy(v) for v in _run(
+        lambda v: (reductions.total_sum(v), reductions.total_max(ops.abs(v))), mode)(
+            ops.convert_to_tensor(x)))
+    assert big == np.abs(x).max()
+    np.testing.assert_allclose(total, x.astype("float64").sum(), rtol=1e-5, atol=1e-5)
 
 
 def test_fold_only_where_tensorflow_xla_compiles():
@@ -54,9 +68,28 @@ def test_fold_only_where_tensorflow_xla_compiles():
     assert seen == [False, keras.backend.backend() == "tensorflow"]
 
 
+def test_compiled_in_graph_only_in_a_tensorflow_graph_without_xla():
+    from kquant.xla import compiled_in_graph
+
+    seen = {}
+
+    def probe(v, mode):
+        seen[mode] = compiled_in_graph(ops.negative) is not ops.negative
+        return v
+
+    for mode in MODES:
+        try:
+            _run(lambda v, mode=mode: probe(v, mode), mode)(ops.ones(()))
+        except pytest.skip.Exception:
+            pass
+    tf_graph = keras.backend.backend() == "tensorflow"
+    assert seen == {"eager": False, "compiled": False, **({"graph": True} if tf_graph else {})}
+
+
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("ties", [False, True])
-def test_dorefa_fused_gradient_compiled_equals_formula(ties):
-    """DoReFa 2-bit (STE) on a foldable kernel, compiled: ``∂ℓ/∂W = (1 − t²)(g_w/2M +
+def test_dorefa_fused_gradient_equals_formula(ties, mode):
+    """DoReFa 2-bit (STE) on a foldable kernel, eager, in a graph, compiled: ``∂ℓ/∂W = (1 − t²)(g_w/2M +
     sign(t)·1{|t| = M}/#{|t| = M}·∂ℓ/∂M)``, ``∂ℓ/∂M = −2Σ g_w·t/(2M)²``, ``g_w = 2g``."""
     rng = np.random.default_rng(int(ties))
     w = rng.uniform(-0.7, 0.7, (64, 48)).astype("float32")
@@ -66,7 +99,7 @@ def test_dorefa_fused_gradient_compiled_equals_formula(ties):
     up = rng.normal(size=w.shape).astype("float32")
     q = kquant.quantizers.DoReFa(bits=2, estimator="ste")
     q.build(w.shape)
-    got = ops.convert_to_numpy(_compiled(_grad_fn(q, up))(ops.convert_to_tensor(w)))
+    got = ops.convert_to_numpy(_run(_grad_fn(q, up), mode)(ops.convert_to_tensor(w)))
 
     t = np.tanh(w.astype("float64"))
     m = np.abs(t).max()
@@ -78,7 +111,8 @@ def test_dorefa_fused_gradient_compiled_equals_formula(ties):
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
 
 
-def test_uniform_step_gradient_compiled_equals_formula():
+@pytest.mark.parametrize("mode", MODES)
+def test_uniform_step_gradient_equals_formula(mode):
     """Uniform 2-bit, learned step Δ (LSQ scale off), clipped STE (LSQ's step gradient):
     ``∂ℓ/∂Δ = Σ g·(q − z·1{lo ≤ z ≤ hi})``, reaching ``c`` (``Δ = Δ₀·|c|``, ``c = 1``) as ``Δ₀·∂ℓ/∂Δ``."""
     rng = np.random.default_rng(5)
@@ -100,7 +134,7 @@ def test_uniform_step_gradient_compiled_equals_formula():
                 ops.convert_to_tensor(q.step_scale))
         return _grad_fn(q, up, wrt=q.step_scale)(v)
 
-    got = float(ops.convert_to_numpy(_compiled(loss_grads)(ops.convert_to_tensor(w))))
+    got = float(ops.convert_to_numpy(_run(loss_grads, mode)(ops.convert_to_tensor(w))))
     z = w.astype("float64") / step
     levels = np.floor(np.clip(z, -2, 1) + 0.5)
     inside = (z >= -2) & (z <= 1)
@@ -135,3 +169,21 @@ def _grad_fn(q, up, wrt=None):
         (g,) = torch.autograd.grad(loss, [target])
         return g
     return fn
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", ["sign", "bwn"])
+def test_sign_and_bwn_fused_gradient_equals_formula(name, mode):
+    """Sign / BWN with the clipped STE: ``Q = a·sign(W)`` (``a = 1``; BWN ``mean|W|``, a
+    constant), ``∂ℓ/∂W = a·1{|W| ≤ 1}·g``; sign(0) = +1."""
+    rng = np.random.default_rng(7)
+    w = rng.uniform(-1.6, 1.6, (32, 24)).astype("float32")
+    w[0, :3] = [0.0, 1.0, -1.0]
+    up = rng.normal(size=w.shape).astype("float32")
+    q = kquant.quantizers.get(name)
+    q.build(w.shape)
+    a = np.abs(w.astype("float64")).mean() if name == "bwn" else 1.0
+    got = ops.convert_to_numpy(_run(_grad_fn(q, up), mode)(ops.convert_to_tensor(w)))
+    np.testing.assert_allclose(got, a * (np.abs(w) <= 1) * up, rtol=1e-5, atol=1e-6)
+    value = ops.convert_to_numpy(_run(lambda v: q(v, training=True), mode)(ops.convert_to_tensor(w)))
+    np.testing.assert_allclose(value, a * np.where(w >= 0, 1.0, -1.0), rtol=1e-6)
