@@ -49,12 +49,14 @@ def compile_with_xla(fn):
     return run
 
 
-def compiled_in_graph(fn):
+def compiled_in_graph(fn, training=None):
     """Backend seam: ``fn`` (a pure function of tensors) XLA-compiled when TensorFlow
-    traces it into a graph that XLA does not compile — a ``jit_compile=False`` train
-    step, Keras' default on a CPU-only TensorFlow — outside ``tf.distribute``; else
+    traces it for a training call (``training is True``) into a graph that XLA does
+    not compile — a ``jit_compile=False`` train step, Keras' default on a CPU-only
+    TensorFlow — outside ``tf.distribute``; else
     ``fn`` itself (eager calls would compile at every call; JAX and ``jit_compile``
-    steps are compiled already; torch has no XLA). Decided when called, at trace time.
+    steps are compiled already; torch has no XLA; an inference graph stays plain ops,
+    as exporters such as tf2onnx read it op by op). Decided when called, at trace time.
 
     For a quantizer's fused forward and backward: TensorFlow's kernels run each
     element-wise op as its own pass over the kernel, XLA one fused loop (DoReFa
@@ -66,6 +68,6 @@ def compiled_in_graph(fn):
         return fn
     import tensorflow as tf
 
-    if tf.executing_eagerly() or in_xla() or tf.distribute.has_strategy():
+    if training is not True or tf.executing_eagerly() or in_xla() or tf.distribute.has_strategy():
         return fn
     return tf.function(fn, jit_compile=True, autograph=False)

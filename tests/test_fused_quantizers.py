@@ -74,7 +74,8 @@ def test_compiled_in_graph_only_in_a_tensorflow_graph_without_xla():
     seen = {}
 
     def probe(v, mode):
-        seen[mode] = compiled_in_graph(ops.negative) is not ops.negative
+        seen[mode] = compiled_in_graph(ops.negative, training=True) is not ops.negative
+        assert compiled_in_graph(ops.negative) is ops.negative   # inference: plain ops
         return v
 
     for mode in MODES:

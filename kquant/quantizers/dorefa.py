@@ -69,7 +69,7 @@ class DoReFa(Quantizer):
             g_t = g_w / two_m + ops.sign(t) * ties * (g_big / total_sum(ties))
             return g_t * (1.0 - t * t)
 
-        forward, backward = compiled_in_graph(forward), compiled_in_graph(backward)
+        forward, backward = (compiled_in_graph(f, training) for f in (forward, backward))
 
         @ops.custom_gradient
         def fn(x):

@@ -43,7 +43,7 @@ class Sign(Quantizer):
         """``sign(x)`` with ``∂ℓ/∂x = F'(x)·g`` in one custom-gradient function."""
         if not self._fusable(Sign):
             return None
-        return _fused_sign(x, slope, None)
+        return _fused_sign(x, slope, None, training)
 
 
 class BWN(Quantizer):
@@ -78,7 +78,7 @@ class BWN(Quantizer):
         """``a·sign(W)``, ``a = mean|W|`` held constant: ``∂ℓ/∂W = a·F'(W)·g``."""
         if not self._fusable(BWN):
             return None
-        return _fused_sign(x, slope, self.pre(x, training)[1]["scale"])
+        return _fused_sign(x, slope, self.pre(x, training)[1]["scale"], training)
 
     def extra_bits(self, shape):
         return 32 * (channels.channel_count(shape, self.channel_axes) if self.per_channel else 1)
@@ -90,7 +90,7 @@ class BWN(Quantizer):
         return config
 
 
-def _fused_sign(x, slope, scale):
+def _fused_sign(x, slope, scale, training):
     """``scale·sign(x)`` (``scale`` ``None``: 1) and its estimator's gradient, each half
     one pass (:func:`kquant.xla.compiled_in_graph`)."""
 
@@ -102,7 +102,7 @@ def _fused_sign(x, slope, scale):
         g = apply_slope(g, slope, lambda: x)
         return g * scale[0] if scale else g
 
-    forward, backward = compiled_in_graph(forward), compiled_in_graph(backward)
+    forward, backward = (compiled_in_graph(f, training) for f in (forward, backward))
     extra = () if scale is None else (scale,)
 
     @ops.custom_gradient

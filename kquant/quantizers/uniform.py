@@ -154,7 +154,7 @@ class Uniform(Quantizer):
             g_z = apply_slope(g * step, slope, lambda: st.distance(z))
             return g_z / step, sum_to(g * q - g_z * z / step, step)
 
-        forward, backward = compiled_in_graph(forward), compiled_in_graph(backward)
+        forward, backward = (compiled_in_graph(f, training) for f in (forward, backward))
 
         @ops.custom_gradient
         def fn(x, step):
