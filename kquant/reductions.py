@@ -1,9 +1,9 @@
 """Whole-tensor sums and maxima that TensorFlow's XLA reduces at memory speed.
 
-TensorFlow's XLA:CPU (TF 2.21) emits a full reduction of a fused element-wise body (``Σ g·tanh W``,
-``max |W|``) as one scalar loop: on a 2048×2048 kernel it measured 2.9 ms
-for ``max|W|`` and 5.2 ms for ``Σ g·tanh W`` against 2.1 ms for a whole
-element-wise ``tanh`` pass (TF 2.21, 2 cores, ``jit_compile=True``). Folding
+TensorFlow's XLA:CPU emits a full reduction of a fused element-wise body
+(``Σ g·tanh W``, ``max |W|``) as one scalar loop: on a 2048×2048 kernel it
+measured 2.9 ms for ``max|W|`` and 5.2 ms for ``Σ g·tanh W`` against 2.1 ms
+for a whole element-wise ``tanh`` pass (TF 2.21, 2 cores, ``jit_compile=True``). Folding
 the tensor to ``[k, n/k]``, reducing over the *major* axis (a vectorised
 element-wise loop over ``n/k`` outputs), adding the two halves of that row
 (which stops XLA merging the two reductions back into one) and reducing the
@@ -12,8 +12,8 @@ rest measured 1.2 ms and 2.4 ms. The result is the same sum in another order
 (:func:`kquant.xla.in_xla`): TensorFlow's own kernels reduce at full speed
 (folded: 4.7 vs 4.6 ms, 3.1 vs 2.8 ms), and JAX 0.10's XLA reduces the plain
 form fast (``max|W|`` 1.2 ms, ``Σ g·tanh W`` 3.7 ms) and the folded one
-12–15× slower. Tensors whose size is unknown or not
-divisible by ``2k`` take the plain reduction. The values of these functions
+12–15× slower. Tensors whose size is unknown or not divisible by ``2k`` take
+the plain reduction. The values of these functions
 are meant for custom gradients: autodiff of a folded maximum would not split
 the gradient over ties the way ``ops.max`` does.
 """

@@ -33,16 +33,14 @@ def compile_with_xla(fn):
     would each compile it at every trace: the ALQ pipeline test on 2 replicas
     took 129 s instead of 40). Everywhere else ``fn`` itself runs (JAX and
     ``jit_compile`` steps are compiled already; torch has no XLA)."""
-    import keras
-
-    if keras.backend.backend() != "tensorflow":
+    if not _tensorflow():
         return fn
     import tensorflow as tf
 
-    compiled = tf.function(fn, jit_compile=True, autograph=False)
+    compiled = _xla_function(fn)
 
     def run(*args):
-        if in_xla() or tf.distribute.has_strategy():
+        if not _compiled_apart():
             return fn(*args)
         return compiled(*(tf.convert_to_tensor(a) for a in args))
 
@@ -53,8 +51,7 @@ def compiled_in_graph(fn, training=None):
     """Backend seam: ``fn`` (a pure function of tensors) XLA-compiled when TensorFlow
     traces it for a training call (``training is True``) into a graph that XLA does
     not compile — a ``jit_compile=False`` train step, Keras' default on a CPU-only
-    TensorFlow — outside ``tf.distribute``; else
-    ``fn`` itself (eager calls would compile at every call; JAX and ``jit_compile``
+    TensorFlow — outside ``tf.distribute``; else ``fn`` itself (eager calls would compile at every call; JAX and ``jit_compile``
     steps are compiled already; torch has no XLA; an inference graph stays plain ops,
     as exporters such as tf2onnx read it op by op). Decided when called, at trace time.
 
@@ -62,12 +59,30 @@ def compiled_in_graph(fn, training=None):
     element-wise op as its own pass over the kernel, XLA one fused loop (DoReFa
     2-bit, Dense 2048 train step without ``jit_compile``: 1.86× → 1.35× the float
     step)."""
-    import keras
-
-    if keras.backend.backend() != "tensorflow":
+    if training is not True or not _tensorflow():
         return fn
     import tensorflow as tf
 
-    if training is not True or tf.executing_eagerly() or in_xla() or tf.distribute.has_strategy():
+    if tf.executing_eagerly() or not _compiled_apart():
         return fn
+    return _xla_function(fn)
+
+
+def _tensorflow() -> bool:
+    import keras
+
+    return keras.backend.backend() == "tensorflow"
+
+
+def _compiled_apart() -> bool:
+    """TensorFlow code outside XLA and outside ``tf.distribute``: where a function is
+    worth compiling on its own."""
+    import tensorflow as tf
+
+    return not in_xla() and not tf.distribute.has_strategy()
+
+
+def _xla_function(fn):
+    import tensorflow as tf
+
     return tf.function(fn, jit_compile=True, autograph=False)

@@ -34,7 +34,7 @@ replica. A warning is emitted once, when the count can be read (eager
 ``apply``, or the ALQ callbacks at epoch end).
 
 Each ALQ layer's step is a pure function of tensors; on TensorFlow it is
-compiled by XLA even when the train step is not (:func:`steps.compile_with_xla`;
+compiled by XLA even when the train step is not (:func:`kquant.xla.compile_with_xla`;
 one device), so the search there is always the fused one.
 
 The optimizer also holds the :class:`~kquant.alq.ALQSchedule` progress
@@ -50,7 +50,7 @@ import warnings
 import keras
 from keras import ops
 
-from kquant import distribute, step_state
+from kquant import distribute, step_state, xla
 from kquant.alq import steps
 from kquant.alq.layers import ALQ_LAYER, alq_role
 
@@ -345,10 +345,10 @@ class ALQ(keras.optimizers.Optimizer):
 
     def _layer_step(self, index):
         """The step of the layer owning variable ``index``, a pure function of tensors; on
-        TensorFlow outside XLA compiled by XLA on its own (:func:`steps.compile_with_xla`)."""
+        TensorFlow outside XLA compiled by XLA on its own (:func:`kquant.xla.compile_with_xla`)."""
         compiled = self.__dict__.setdefault("_compiled_steps", {})
         if index not in compiled:
-            compiled[index] = steps.compile_with_xla(self._pure_step(self._owner_layers[index]))
+            compiled[index] = xla.compile_with_xla(self._pure_step(self._owner_layers[index]))
         return compiled[index]
 
     def _pure_step(self, layer):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from keras import ops
 
-from kquant.xla import compile_with_xla, in_xla  # noqa: F401  (steps.compile_with_xla: the optimizer)
+from kquant.xla import in_xla
 
 
 def sign_patterns(bits: int):

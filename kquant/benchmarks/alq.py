@@ -55,7 +55,7 @@ def settings(cfg: BenchConfig) -> dict:
 def _search_run(bits, jit, strategy):
     """The bases search ``search="auto"`` runs in a train step (XLA-compiled or not):
     ALQ compiles its layer step with XLA on TensorFlow outside ``tf.distribute``
-    (:func:`steps.compile_with_xla`)."""
+    (:func:`kquant.xla.compile_with_xla`)."""
     backend = keras.backend.backend()
     xla = jit or backend == "jax" or (backend == "tensorflow" and strategy != "mirrored")
     return "exhaustive" if xla or bits <= steps.EXHAUSTIVE_MAX_BITS else "sorted"

@@ -111,7 +111,8 @@ class Quantizer(keras.layers.Layer):
         from the latent value rather than saving it or F'(s), and reuses the forward's
         statistics (``max|tanh W|``). Both halves are pure functions of tensors, XLA-compiled
         for training calls traced into a TensorFlow graph that XLA does not compile
-        (:func:`kquant.xla.compiled_in_graph`). A subclass that overrides ``pre``/``post``/``staircase`` gets the generic path (:meth:`_fusable`).
+        (:func:`kquant.xla.compiled_in_graph`). A subclass that overrides
+        ``pre``/``post``/``staircase`` gets the generic path (:meth:`_fusable`).
         """
         return None
 
