@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from keras import ops
 
+from kquant import xla
 from kquant.alq import groups, sketching, steps
 
 
@@ -217,9 +218,9 @@ def test_auto_search_on_tensorflow_follows_the_measured_rule():
     target = tf.constant(rng.normal(size=(6, 20)).astype("float32"))
 
     def search(t, a, m):
-        return steps.nearest_codes(t, a, m), tf.constant(steps.in_xla())
+        return steps.nearest_codes(t, a, m), tf.constant(xla.in_xla())
 
-    step = steps.compile_with_xla(search)
+    step = xla.compile_with_xla(search)
     codes, compiled = tf.function(lambda: step(target, alpha, mask))()
     assert bool(compiled)
     with tf.distribute.MirroredStrategy(["/cpu:0"]).scope():

@@ -246,16 +246,20 @@ def exported(tmp_path_factory):
     path = tmp_path_factory.mktemp("deploy") / "clean.npz"
     deploy.export_weights(model, path)
     with np.load(path) as data:
-        return path, {k: data[k] for k in data.files}
+        return path, {k: data[k] for k in data.files}, model
 
 
-def test_clean_file_loads(exported):
-    deploy.load_inference_model(exported[0])
+def test_clean_file_loads_with_identical_predictions(exported):
+    path, _, model = exported
+    x = np.random.default_rng(0).normal(size=(4, 8, 8, 1)).astype("float32")
+    loaded = deploy.load_inference_model(path)
+    np.testing.assert_array_equal(ops.convert_to_numpy(loaded(x, training=False)),
+                                  ops.convert_to_numpy(model(x, training=False)))
 
 
 @pytest.mark.parametrize("name", sorted(TAMPER))
 def test_tampered_file_gives_a_clear_error(name, exported, tmp_path):
-    _, clean = exported
+    _, clean, _ = exported
     arrays = {k: v.copy() for k, v in clean.items()}
     apply, expected = TAMPER[name]
     apply(arrays, "0/kernel")

@@ -188,3 +188,23 @@ def test_sign_and_bwn_fused_gradient_equals_formula(name, mode):
     np.testing.assert_allclose(got, a * (np.abs(w) <= 1) * up, rtol=1e-5, atol=1e-6)
     value = ops.convert_to_numpy(_run(lambda v: q(v, training=True), mode)(ops.convert_to_tensor(w)))
     np.testing.assert_allclose(value, a * np.where(w >= 0, 1.0, -1.0), rtol=1e-6)
+
+
+@pytest.mark.tf_only
+def test_compiled_in_graph_not_under_tf_distribute():
+    """A strategy's replicas would each compile the halves at every trace: plain ops there."""
+    import tensorflow as tf
+
+    from kquant.xla import compiled_in_graph
+
+    seen = []
+
+    @tf.function
+    def probe(v):
+        seen.append(compiled_in_graph(ops.negative, training=True) is ops.negative)
+        return v
+
+    with tf.distribute.MirroredStrategy(["/cpu:0"]).scope():
+        probe(tf.ones(()))
+    probe(tf.constant(2.0))
+    assert seen == [True, False]
