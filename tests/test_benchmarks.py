@@ -115,17 +115,59 @@ def test_overhead_times_every_variant_against_its_float_layer(tiny_run):
         groups.setdefault((row["layer"], row["size"]), {})[row["variant"]] = row
     assert {layer for layer, _ in groups} == {"dense", "conv2d"}
     for (layer, size), variants in groups.items():
-        assert set(overhead.TINY_VARIANTS) <= set(variants), (layer, size)
+        assert set(overhead.TINY_VARIANTS) | {"float_inner"} <= set(variants), (layer, size)
         float_row = variants["float"]
-        assert float_row["time_vs_float"] == 1.0
+        assert float_row["time_vs_float"] == 1.0 == variants["float_inner"]["time_vs_float"]
         for name, row in variants.items():
-            assert row["step_ms"] > 0
-            assert row["time_vs_float"] == pytest.approx(row["step_ms"] / float_row["step_ms"])
+            assert row["step_ms"] > 0 and row["twin"] == overhead.twin(name)
+            reference = variants[row["twin"]]["step_ms"]
+            assert row["time_vs_float"] == pytest.approx(row["step_ms"] / reference)
             if name.startswith("sign"):  # binary layers keep exactly the float layer's weights
                 assert row["params"] == float_row["params"]
     if not overhead.larq_available():
         assert "not importable" in result.meta["larq"]
         assert not any(r["variant"].startswith("larq") for r in result.rows)
+
+
+def test_overhead_variants_build_the_quantizers_they_name():
+    """Each row's model is the configuration its label says: quantizer classes, bits,
+    estimators, and the trainable input scale exactly for the rows timed as an inner layer."""
+    from kquant import quantizers
+    from kquant.benchmarks import overhead
+    from kquant.estimators.htge import HTGE
+    from kquant.estimators.ste import STE, ClippedSTE
+
+    expected = {  # variant: (kernel quantizer, input quantizer), as (class, bits, estimator)
+        "float": (None, None), "float_inner": (None, None),
+        "sign_w": ((quantizers.Sign, 1, ClippedSTE), None),
+        "sign_wa": ((quantizers.Sign, 1, ClippedSTE),) * 2,
+        "dorefa2_w": ((quantizers.DoReFa, 2, STE), None),
+        "uniform2_w_htge": ((quantizers.Uniform, 2, HTGE), None),
+        "bwn_w": ((quantizers.BWN, 1, ClippedSTE), None),
+        "twn_w": ((quantizers.TWN, 2, STE), None),
+        "bitnet_w": ((quantizers.BitNet, 2, STE), None),
+        "stochastic_sign_w": ((quantizers.StochasticSign, 1, STE), None),
+        "pact4_a": (None, (quantizers.PACT, 4, ClippedSTE)),
+    }
+    assert set(overhead.VARIANTS) == set(expected)
+    for kind, size in (("dense", (8, 4)), ("conv2d", (6, 3))):
+        for name, (kernel, inputs) in expected.items():
+            model = overhead._model(kind, size, overhead.VARIANTS[name], False, False,
+                                    inner=name in overhead.INNER)
+            scales = [layer for layer in model.layers if isinstance(layer, overhead.InputScale)]
+            assert len(scales) == (name in overhead.INNER), name
+            layer = model.layers[-1]
+            for spec, attr in ((kernel, "kernel_quantizer"), (inputs, "input_quantizer")):
+                q = getattr(layer, attr, None)
+                if spec is None:
+                    assert q is None, (name, attr)
+                    continue
+                cls, bits, estimator = spec
+                assert type(q) is cls and q.precision == bits, (name, attr, q)
+                assert type(q.estimator) is estimator, (name, attr, q.estimator)
+            if name == "uniform2_w_htge":
+                assert layer.kernel_quantizer.step is None  # learned step
+    assert overhead.twin("pact4_a") == "float_inner" and overhead.twin("twn_w") == "float"
 
 
 # -- harness CLI ----------------------------------------------------------------

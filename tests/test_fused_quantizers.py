@@ -208,3 +208,96 @@ def test_compiled_in_graph_not_under_tf_distribute():
         probe(tf.ones(()))
     probe(tf.constant(2.0))
     assert seen == [True, False]
+
+
+def _stats(name, w, axes):
+    """NumPy ``(a, d)`` of ``Q = a·step(W/d)`` for BWN (``d = 1``), TWN and BitNet."""
+    w = w.astype("float64")
+    mean = np.abs(w).mean(axis=axes, keepdims=True)
+    if name == "bwn":
+        return mean, 1.0
+    if name == "bitnet":
+        return mean, mean + 1e-5
+    d = 2 * 0.7 * mean
+    kept = np.abs(np.floor(np.clip(w / d, -1, 1) + 0.5)) > 0
+    return (np.abs(w) * kept).sum(axis=axes, keepdims=True) / kept.sum(axis=axes, keepdims=True), d
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("name", ["bwn", "twn", "bitnet"])
+def test_scaled_quantizers_fused_equal_formula(name, per_channel, mode):
+    """BWN, TWN, BitNet (STE) in training: ``Q = a·step(W/d)`` with the statistics of the
+    tensor (per channel: of each output channel), ``∂ℓ/∂W = a·g/d`` (BWN's clipped STE:
+    ``a·1{|W| ≤ 1}·g``)."""
+    rng = np.random.default_rng(11)
+    w = (rng.normal(size=(3, 3, 8, 16)) * rng.uniform(0.2, 2.0, 16)).astype("float32")
+    up = rng.normal(size=w.shape).astype("float32")
+    q = kquant.quantizers.get({"name": name, "config": {"per_channel": per_channel}})
+    q.build(w.shape)
+    a, d = _stats(name, w, (0, 1, 2) if per_channel else None)
+    staircase = np.where(w >= 0, 1.0, -1.0) if name == "bwn" else np.floor(
+        np.clip(w / d, -1, 1) + 0.5)
+    slope = (np.abs(w) <= 1) if name == "bwn" else 1.0
+    value = ops.convert_to_numpy(_run(lambda v: q(v, training=True), mode)(ops.convert_to_tensor(w)))
+    np.testing.assert_allclose(value, a * staircase, rtol=1e-5, atol=1e-6)
+    got = ops.convert_to_numpy(_run(_grad_fn(q, up), mode)(ops.convert_to_tensor(w)))
+    np.testing.assert_allclose(got, a * slope * up / d, rtol=1e-5, atol=1e-6)
+
+
+class GenericTWN(kquant.quantizers.TWN):
+    def pre(self, x, training=None):   # overriding `pre` selects the generic (autodiff) path
+        return super().pre(x, training)
+
+
+class GenericBitNet(kquant.quantizers.BitNet):
+    def pre(self, x, training=None):
+        return super().pre(x, training)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("estimator", ["clipped_ste", "htge"])
+@pytest.mark.parametrize("fused, generic", [(kquant.quantizers.TWN, GenericTWN),
+                                            (kquant.quantizers.BitNet, GenericBitNet)])
+def test_ternary_fused_equal_generic_path(fused, generic, estimator, mode):
+    """With an estimator whose ``F'`` depends on the distance ``s`` to the nearest boundary
+    (HTGE), the fused backward evaluates it at ``s`` of ``W/d``, as autodiff does."""
+    rng = np.random.default_rng(3)
+    w = rng.normal(size=(64, 48)).astype("float32")
+    up = rng.normal(size=w.shape).astype("float32")
+    out = []
+    for cls in (fused, generic):
+        q = cls(estimator=estimator)
+        q.build(w.shape)
+        out.append([ops.convert_to_numpy(_run(f, mode)(ops.convert_to_tensor(w)))
+                    for f in (lambda v, q=q: q(v, training=True), _grad_fn(q, up))])
+    np.testing.assert_allclose(out[0][0], out[1][0], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(out[0][1], out[1][1], rtol=1e-5, atol=1e-5)
+    assert np.abs(out[0][1]).max() > 0
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_pact_fused_gradients_equal_formula(mode):
+    """PACT 3-bit, α = 2, clipped STE: ``y = round(clip(x, 0, α)·7/α)·α/7``,
+    ``∂ℓ/∂x = g·1{0 ≤ x ≤ α}``, ``∂ℓ/∂α = Σ g·1{x ≥ α}`` (Choi et al., Eqs. 2–3)."""
+    rng = np.random.default_rng(9)
+    x = (3 * rng.normal(size=(64, 48))).astype("float32")
+    x[0, :3] = [0.0, 2.0, 2.0 + 1e-6]
+    up = rng.normal(size=x.shape).astype("float32")
+    q = kquant.quantizers.PACT(bits=3, alpha=2.0)
+    q.build(x.shape)
+    y = ops.convert_to_numpy(_run(lambda v: q(v, training=True), mode)(ops.convert_to_tensor(x)))
+    np.testing.assert_allclose(y, np.floor(np.clip(x, 0, 2) * 7 / 2 + 0.5) * 2 / 7, rtol=1e-6)
+    g_x = ops.convert_to_numpy(_run(_grad_fn(q, up), mode)(ops.convert_to_tensor(x)))
+    np.testing.assert_allclose(g_x, up * ((x >= 0) & (x <= 2)), rtol=1e-6)
+    if keras.backend.backend() == "jax":
+        import jax
+
+        def alpha_grad(v):
+            return jax.grad(lambda a: ops.sum(q.stateless_call([a], [], v, training=True)[0]
+                                              * ops.convert_to_tensor(up)))(
+                ops.convert_to_tensor(q.alpha))
+    else:
+        alpha_grad = _grad_fn(q, up, wrt=q.alpha)
+    got = float(ops.convert_to_numpy(_run(alpha_grad, mode)(ops.convert_to_tensor(x))))
+    np.testing.assert_allclose(got, np.sum(up * (x >= 2)), rtol=1e-5)

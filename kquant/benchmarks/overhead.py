@@ -10,7 +10,14 @@ ratio to the float layer (two steps per model per turn, the median of all):
 * ``sign_w``: kquant binary weights (Sign, its default estimator);
 * ``sign_wa``: binary weights and binary inputs;
 * ``dorefa2_w``: DoReFa 2-bit weights (STE);
-* ``uniform2_w_htge``: 2-bit uniform weights with learned step and HTGE.
+* ``uniform2_w_htge``: 2-bit uniform weights with learned step and HTGE;
+* ``bwn_w``, ``twn_w``, ``bitnet_w``, ``stochastic_sign_w``: BWN, TWN, BitNet
+  b1.58 and stochastic-sign weights (per tensor, default estimators);
+* ``pact4_a``: PACT 4-bit inputs (learned clip α). α's gradient needs the
+  layer's input gradient, which a first layer's float twin never computes, so
+  this variant and its twin ``float_inner`` sit behind a trainable scalar input
+  scale (``Input → x·s → layer``): the layer as inside a network (column
+  ``twin`` names the float model each ratio is taken against).
 
 When ``larq`` (with ``tf_keras``) is importable on the TensorFlow backend,
 Larq's ``QuantDense``/``QuantConv2D`` (``ste_sign`` weights, and weights +
@@ -55,11 +62,21 @@ VARIANTS = {
     "dorefa2_w": {"kernel_quantizer": {"name": "dorefa", "config": {"bits": 2, "estimator": "ste"}}},
     "uniform2_w_htge": {"kernel_quantizer": {"name": "uniform",
                                              "config": {"bits": 2, "estimator": "htge"}}},
+    "bwn_w": {"kernel_quantizer": "bwn"},
+    "twn_w": {"kernel_quantizer": "twn"},
+    "bitnet_w": {"kernel_quantizer": "bitnet"},
+    "stochastic_sign_w": {"kernel_quantizer": "stochastic_sign"},
+    "pact4_a": {"input_quantizer": {"name": "pact", "config": {"bits": 4}}},
+    "float_inner": None,
 }
 
-TINY_VARIANTS = ["float", "sign_wa", "uniform2_w_htge"]  # smoke-test scale
+#: variants timed behind a trainable input scale (their layer needs its input gradient)
+INNER = {"pact4_a", "float_inner"}
 
-COLUMNS = ["layer", "size", "variant", "jit", "params", "step_ms", "time_vs_float", "time_vs_larq"]
+TINY_VARIANTS = ["float", "sign_wa", "uniform2_w_htge", "pact4_a"]  # smoke-test scale
+
+COLUMNS = ["layer", "size", "variant", "jit", "params", "step_ms", "twin", "time_vs_float",
+           "time_vs_larq"]
 
 JIT_MODES = {"auto": ["auto"], "on": [True], "off": [False], "both": [True, False]}
 
@@ -79,8 +96,26 @@ def _input_shape(kind, size):
     return (size[0],) if kind == "dense" else (size[0], size[0], size[1])
 
 
-def _model(kind, size, quant, eager, jit="auto"):
-    model = keras.Sequential([keras.Input(_input_shape(kind, size)), _layer(kind, size, quant)])
+class InputScale(keras.layers.Layer):
+    """``x·s`` with one trainable scalar ``s`` (1 at start): makes the next layer
+    compute its input gradient, as every layer but a network's first does."""
+
+    def build(self, input_shape):
+        self.scale = self.add_weight(name="scale", shape=(), initializer="ones")
+
+    def call(self, x):
+        return x * self.scale
+
+
+def twin(name) -> str:
+    """The float model a variant's time is divided by."""
+    return "float_inner" if name in INNER else "float"
+
+
+def _model(kind, size, quant, eager, jit="auto", inner=False):
+    front = [InputScale()] if inner else []
+    model = keras.Sequential([keras.Input(_input_shape(kind, size)), *front,
+                              _layer(kind, size, quant)])
     model.compile(optimizer=keras.optimizers.SGD(1e-3), loss="mse", run_eagerly=eager,
                   jit_compile=jit if _jit_ok() else False)
     return model
@@ -137,8 +172,7 @@ def run(cfg):
     sizes = SIZES[cfg.scale]
     names = option_names(cfg, "variants", TINY_VARIANTS if cfg.tiny else list(VARIANTS), VARIANTS,
                          "overhead")
-    if "float" not in names:
-        names = ["float", *names]
+    names = [*dict.fromkeys([twin(n) for n in names] + ["float", *names])]
     use_larq = bool(cfg.option("larq", True)) and larq_available()
     eager = bool(cfg.option("eager", False))
     jit_modes = _jit_modes(cfg)
@@ -155,7 +189,8 @@ def run(cfg):
             models = {}
             with strategy_scope(cfg):
                 for jit in jit_modes:
-                    models.update({(name, jit): _model(kind, size, VARIANTS[name], eager, jit)
+                    models.update({(name, jit): _model(kind, size, VARIANTS[name], eager, jit,
+                                                       inner=name in INNER)
                                    for name in names})
             if use_larq:
                 models.update({(name, "larq"): m for name, m in _larq_models(kind, size).items()})
@@ -164,15 +199,17 @@ def run(cfg):
             times = compare_step_times(models, x, y, batch, steps=steps,
                                        warmup=1 if cfg.tiny else 3, rounds=max(1, steps // 2))
             label = f"{size[0]}→{size[1]}" if kind == "dense" else f"{size[0]}×{size[0]}×{size[1]}"
-            twin = {"sign_w": "larq_sign_w", "sign_wa": "larq_sign_wa", "float": "larq_float"}
+            larq_twin = {"sign_w": "larq_sign_w", "sign_wa": "larq_sign_wa", "float": "larq_float"}
             for (name, jit), model in models.items():
-                float_key = ("float", jit if jit != "larq" else jit_modes[0])
+                reference = twin(name) if jit != "larq" else "float"
+                float_key = (reference, jit if jit != "larq" else jit_modes[0])
                 row = {"layer": kind, "size": label, "variant": name,
                        "jit": str(getattr(model, "jit_compile", "")), "batch": batch,
                        "params": int(model.count_params()), "step_ms": 1e3 * times[(name, jit)],
+                       "twin": reference if jit != "larq" else "float (keras)",
                        "time_vs_float": times[(name, jit)] / times[float_key]}
-                if name in twin and (twin[name], "larq") in times:
-                    row["time_vs_larq"] = times[(name, jit)] / times[(twin[name], "larq")]
+                if name in larq_twin and (larq_twin[name], "larq") in times:
+                    row["time_vs_larq"] = times[(name, jit)] / times[(larq_twin[name], "larq")]
                 rows.append(row)
     meta = {
         "sizes": sizes, "optimizer": "SGD", "loss": "mse", "timing_steps": timing_steps(cfg),

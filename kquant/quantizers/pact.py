@@ -20,9 +20,12 @@ Gradients (the paper's Eqs. 2–3):
 import keras
 from keras import ops
 
-from kquant.quantizers.base import Quantizer, check_bits
+from kquant.estimators.base import as_tensor
+from kquant.quantizers.base import Quantizer, apply_slope, check_bits
+from kquant.reductions import total_sum
 from kquant.staircase import Staircase
 from kquant.validation import check_number
+from kquant.xla import compiled_in_graph
 
 
 @keras.saving.register_keras_serializable(package="kquant")
@@ -66,6 +69,32 @@ class PACT(Quantizer):
     def post(self, q, params):
         y = q * params["alpha"] / float(2**self.bits - 1)
         return y + params["alpha_grad"] if "alpha_grad" in params else y
+
+    def fused(self, x, slope, training=None):
+        """Training calls, in one custom-gradient function: ``y = a·step(x·n/a)/n``
+        (``a = max(α, 10⁻³)``), ``∂ℓ/∂x = F'(s)·g``, ``∂ℓ/∂a = Σ g·1{x ≥ a}``.
+        Inference takes ``pre``/``post``, as :meth:`encode` does."""
+        if training is not True or not self._fusable(PACT):
+            return None
+        n, st = float(2**self.bits - 1), self.staircase
+
+        def forward(x, a):
+            return st.hard(x * n / a) * a / n
+
+        def backward(g, x, a):
+            g_x = apply_slope(g, slope, lambda: st.distance(x * n / a))
+            return g_x, total_sum(ops.where(x >= a, g, ops.zeros_like(g)))
+
+        forward, backward = (compiled_in_graph(f, training) for f in (forward, backward))
+
+        @ops.custom_gradient
+        def fn(x, a):
+            def grad(*args, upstream=None):
+                return backward(args[0] if upstream is None else upstream, x, a)
+
+            return forward(x, a), grad
+
+        return fn(as_tensor(x), self._alpha(x.dtype))
 
     def extra_bits(self, shape):
         return 32

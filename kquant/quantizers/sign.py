@@ -10,12 +10,11 @@
 
 from keras import ops
 
-from kquant.estimators.base import as_tensor
 from kquant.quantizers import channels
-from kquant.validation import check_bool
-from kquant.quantizers.base import Quantizer, apply_slope
+from kquant.quantizers.base import Quantizer
+from kquant.quantizers.fused import mean_abs, scaled_staircase
 from kquant.staircase import Staircase
-from kquant.xla import compiled_in_graph
+from kquant.validation import check_bool
 
 _SIGN = Staircase.sign()
 
@@ -43,7 +42,7 @@ class Sign(Quantizer):
         """``sign(x)`` with ``∂ℓ/∂x = F'(x)·g`` in one custom-gradient function."""
         if not self._fusable(Sign):
             return None
-        return _fused_sign(x, slope, None, training)
+        return scaled_staircase(x, slope, _SIGN, training)
 
 
 class BWN(Quantizer):
@@ -66,19 +65,25 @@ class BWN(Quantizer):
     def staircase(self):
         return _SIGN
 
+    def _axes(self, x):
+        return channels.reduced_axes(len(x.shape), self.channel_axes) if self.per_channel else None
+
     def pre(self, x, training=None):
-        axes = channels.reduced_axes(len(x.shape), self.channel_axes) if self.per_channel else None
-        scale = ops.mean(ops.abs(x), axis=axes, keepdims=True)
+        scale = ops.mean(ops.abs(x), axis=self._axes(x), keepdims=True)
         return x, {"scale": ops.stop_gradient(scale)}
 
     def post(self, q, params):
         return q * params["scale"]
 
     def fused(self, x, slope, training=None):
-        """``a·sign(W)``, ``a = mean|W|`` held constant: ``∂ℓ/∂W = a·F'(W)·g``."""
-        if not self._fusable(BWN):
+        """Training calls: ``a·sign(W)``, ``a = mean|W|`` held constant (computed in the
+        forward half): ``∂ℓ/∂W = a·F'(W)·g``. Inference takes ``pre``/``post``, as
+        :meth:`encode` does."""
+        if training is not True or not self._fusable(BWN):
             return None
-        return _fused_sign(x, slope, self.pre(x, training)[1]["scale"], training)
+        axes = self._axes(x)
+        return scaled_staircase(x, slope, _SIGN, training,
+                                stats=lambda v: (mean_abs(v, axes), None))
 
     def extra_bits(self, shape):
         return 32 * (channels.channel_count(shape, self.channel_axes) if self.per_channel else 1)
@@ -89,27 +94,3 @@ class BWN(Quantizer):
             config["channel_axes"] = list(self.channel_axes)
         return config
 
-
-def _fused_sign(x, slope, scale, training):
-    """``scale·sign(x)`` (``scale`` ``None``: 1) and its estimator's gradient, each half
-    one pass (:func:`kquant.xla.compiled_in_graph`)."""
-
-    def forward(x, *scale):
-        q = _SIGN.hard(x)
-        return q * scale[0] if scale else q
-
-    def backward(g, x, *scale):
-        g = apply_slope(g, slope, lambda: x)
-        return g * scale[0] if scale else g
-
-    forward, backward = (compiled_in_graph(f, training) for f in (forward, backward))
-    extra = () if scale is None else (scale,)
-
-    @ops.custom_gradient
-    def fn(x):
-        def grad(*args, upstream=None):
-            return backward(args[0] if upstream is None else upstream, x, *extra)
-
-        return forward(x, *extra), grad
-
-    return fn(as_tensor(x))

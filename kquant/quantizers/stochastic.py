@@ -5,7 +5,8 @@ and ``−1`` otherwise; at inference the deterministic ``sign(x)`` (``sign(0) = 
 Sampling is ``sign(x + u)`` with ``u ~ U[−1, 1)``, since ``P(x + u ≥ 0) = p``;
 ``u`` comes from a :class:`keras.random.SeedGenerator` (as in Keras' Dropout),
 whose state is a variable of the quantizer, so it works under ``jit_compile``,
-on every backend and under distribution strategies.
+on every backend and under distribution strategies; training calls draw it
+inside the fused forward half (:mod:`kquant.noise`), never materialised.
 
 The backward pass is the estimator's slope at the noise-free ``s = x`` (as if
 the deterministic sign had been taken): the default ``"ste"`` is
@@ -16,8 +17,11 @@ BinaryConnect's ``g_x = g`` (the paper also clips the latent weights to
 import keras
 from keras import ops
 
-from kquant.quantizers.base import Quantizer
+from kquant.estimators.base import as_tensor
+from kquant.noise import uniform_source
+from kquant.quantizers.base import Quantizer, apply_slope
 from kquant.staircase import Staircase
+from kquant.xla import compiled_in_graph
 
 _SIGN = Staircase.sign()
 
@@ -46,9 +50,8 @@ class StochasticSign(Quantizer):
     def pre(self, x, training=None):
         if not training:
             return x, {}
-        noise = keras.random.uniform(ops.shape(x), minval=-1.0, maxval=1.0,
-                                     dtype=keras.backend.standardize_dtype(x.dtype),
-                                     seed=self.seed_generator)
+        source, sample = self._noise(x)
+        noise = sample(source)
         latent = ops.stop_gradient(x)
         # the sample minus sign(x), in {−2, 0, 2}: exact; no gradient (the estimator sees s = x)
         flip = self.staircase.hard(latent + noise) - self.staircase.hard(latent)
@@ -56,6 +59,38 @@ class StochasticSign(Quantizer):
 
     def post(self, q, params):
         return q + params["flip"] if "flip" in params else q
+
+    def _noise(self, x):
+        return uniform_source(ops.shape(x), -1.0, 1.0, keras.backend.standardize_dtype(x.dtype),
+                              self.seed_generator)
+
+    def fused(self, x, slope, training=None):
+        """Training calls: ``sign(x + u)`` with ``u`` drawn inside the forward half,
+        ``∂ℓ/∂x = F'(x)·g``; the same values as ``pre``/``post`` (``sign(x) + flip``)."""
+        if training is not True or not self._fusable(StochasticSign):
+            return None
+        st = self.staircase
+        source, sample = self._noise(x)
+
+        def forward(x, source):
+            return st.hard(x + sample(source))
+
+        def backward(g, x):
+            return apply_slope(g, slope, lambda: x)
+
+        forward, backward = (compiled_in_graph(f, training) for f in (forward, backward))
+
+        identity = isinstance(slope, float) and slope == 1.0  # BinaryConnect's g_x = g
+
+        @ops.custom_gradient
+        def fn(x):
+            def grad(*args, upstream=None):
+                g = args[0] if upstream is None else upstream
+                return g if identity else backward(g, x)
+
+            return forward(x, source), grad
+
+        return fn(as_tensor(x))
 
     def get_config(self):
         return {**super().get_config(), "seed": self.seed}

@@ -24,6 +24,7 @@ from keras import ops
 
 from kquant.quantizers import channels
 from kquant.quantizers.base import Quantizer
+from kquant.quantizers.fused import masked_mean, mean_abs, scaled_staircase
 from kquant.staircase import Staircase
 from kquant.validation import check_bool, check_number
 
@@ -57,6 +58,23 @@ class _Ternary(Quantizer):
     def post(self, q, params):
         return q * params["scale"]
 
+    def statistics(self, x, axes):
+        """``(a, d)``: ``Q(x) = a·step(x/d)``, both held constant in the backward pass."""
+        raise NotImplementedError
+
+    def fused(self, x, slope, training=None):
+        """Training calls: ``a·step(x/d)`` with ``(a, d) = statistics(x)`` computed in the
+        forward half, ``∂ℓ/∂W = a·F'(s)·g/d`` (:func:`~kquant.quantizers.fused.scaled_staircase`).
+        Inference takes ``pre``/``post``, as :meth:`encode` does."""
+        # the class whose `statistics` runs must own `pre`/`post` too (a subclass
+        # overriding `pre` alone gets the generic path)
+        owner = next(c for c in type(self).__mro__ if "statistics" in vars(c))
+        if training is not True or not self._fusable(owner):
+            return None
+        axes = self._axes(x)
+        return scaled_staircase(x, slope, self.staircase, training,
+                                stats=lambda v: self.statistics(v, axes))
+
     def extra_bits(self, shape):
         return 32 * (channels.channel_count(shape, self.channel_axes) if self.per_channel else 1)
 
@@ -88,6 +106,11 @@ class TWN(_Ternary):
         alpha = ops.sum(ops.abs(w) * kept, axis=axes, keepdims=True) / ops.maximum(count, 1.0)
         return z, {"scale": alpha}
 
+    def statistics(self, x, axes):
+        d = 2.0 * ops.maximum(self.threshold_factor * mean_abs(x, axes), 1e-12)
+        kept = ops.cast(ops.abs(self.staircase.hard(x / d)) > 0, x.dtype)
+        return masked_mean(ops.abs(x), kept, axes), d
+
     def get_config(self):
         return {**super().get_config(), "threshold_factor": self.threshold_factor}
 
@@ -105,6 +128,10 @@ class BitNet(_Ternary):
     def pre(self, x, training=None):
         gamma = ops.stop_gradient(ops.mean(ops.abs(x), axis=self._axes(x), keepdims=True))
         return x / (gamma + self.epsilon), {"scale": gamma}
+
+    def statistics(self, x, axes):
+        gamma = mean_abs(x, axes)
+        return gamma, gamma + self.epsilon
 
     def get_config(self):
         return {**super().get_config(), "epsilon": self.epsilon}

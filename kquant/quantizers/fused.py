@@ -1,0 +1,80 @@
+"""The fused form shared by the sign and ternary quantizers: a staircase of the input
+scaled by statistics of it that the backward pass holds constant.
+
+``Q(x) = a·step(x/d)`` with ``(a, d) = stats(x)`` (sign: ``a = d = 1``; BWN:
+``a = mean|W|``; TWN: ``d = 2Δ``, ``a = α``; BitNet: ``d = γ + ε``, ``a = γ``), so
+``∂ℓ/∂x = a·F'(s)·g/d``, ``s`` the distance of ``x/d`` to the nearest boundary.
+The statistics are computed inside the forward half (whole-tensor sums through
+:func:`kquant.reductions.total_sum`) and both halves are pure functions of
+tensors, XLA-compiled for training calls traced into a TensorFlow graph that XLA
+does not compile (:func:`kquant.xla.compiled_in_graph`). With the STE the
+backward reads only ``g``: one scaled copy.
+"""
+
+from __future__ import annotations
+
+import math
+
+from keras import ops
+
+from kquant.estimators.base import as_tensor
+from kquant.quantizers.base import apply_slope
+from kquant.reductions import total_sum
+from kquant.xla import compiled_in_graph
+
+
+def scaled_staircase(x, slope, staircase, training, stats=None):
+    """``a·staircase(x/d)`` and its estimator's gradient ``a·F'(s)·g/d``.
+
+    ``stats(x) -> (a, d)`` (tensors broadcasting against ``x``; ``d`` may be ``None``
+    for 1) runs inside the forward half; ``None``: ``a = d = 1``."""
+
+    def forward(x):
+        if stats is None:
+            return staircase.hard(x)
+        a, d = stats(x)
+        z = x if d is None else x / d
+        return (staircase.hard(z) * a, a) if d is None else (staircase.hard(z) * a, a, d)
+
+    def backward(g, x, *consts):
+        a, d = (consts + (None, None))[:2]
+        g = apply_slope(g, slope, lambda: staircase.distance(x if d is None else x / d))
+        if a is not None:
+            g = g * (a if d is None else a / d)
+        return g
+
+    forward, backward = (compiled_in_graph(f, training) for f in (forward, backward))
+    identity = stats is None and isinstance(slope, float) and slope == 1.0  # plain STE on sign
+
+    @ops.custom_gradient
+    def fn(x):
+        out = forward(x)
+        y, consts = (out, ()) if stats is None else (out[0], tuple(out[1:]))
+
+        def grad(*args, upstream=None):
+            g = args[0] if upstream is None else upstream
+            return g if identity else backward(g, x, *consts)
+
+        return y, grad
+
+    return fn(as_tensor(x))
+
+
+def mean_abs(x, axes=None):
+    """``mean|x|`` over ``axes`` (``None``: the whole tensor, a scalar via
+    :func:`~kquant.reductions.total_sum`), kept broadcastable against ``x``."""
+    if axes is not None:
+        return ops.mean(ops.abs(x), axis=axes, keepdims=True)
+    if any(d is None for d in x.shape):   # e.g. activations with an unknown batch size
+        return ops.mean(ops.abs(x))
+    return total_sum(ops.abs(x)) / float(math.prod(int(d) for d in x.shape))
+
+
+def masked_mean(values, mask, axes=None):
+    """``Σ values·mask / max(Σ mask, 1)`` over ``axes`` (``None``: the whole tensor)."""
+    if axes is None:
+        total, count = total_sum(values * mask), total_sum(mask)
+    else:
+        total = ops.sum(values * mask, axis=axes, keepdims=True)
+        count = ops.sum(mask, axis=axes, keepdims=True)
+    return total / ops.maximum(count, 1.0)
