@@ -19,7 +19,7 @@ from keras import ops
 
 from kquant.estimators.base import as_tensor
 from kquant.quantizers.base import apply_slope
-from kquant.reductions import total_sum
+from kquant.reductions import _fold_here, total_sum
 from kquant.xla import compiled_in_graph
 
 
@@ -61,12 +61,12 @@ def scaled_staircase(x, slope, staircase, training, stats=None):
 
 
 def mean_abs(x, axes=None):
-    """``mean|x|`` over ``axes`` (``None``: the whole tensor, a scalar via
-    :func:`~kquant.reductions.total_sum`), kept broadcastable against ``x``."""
+    """``mean|x|`` over ``axes`` (``None``: the whole tensor, a scalar; under TensorFlow's
+    XLA via :func:`~kquant.reductions.total_sum`), kept broadcastable against ``x``."""
     if axes is not None:
         return ops.mean(ops.abs(x), axis=axes, keepdims=True)
-    if any(d is None for d in x.shape):   # e.g. activations with an unknown batch size
-        return ops.mean(ops.abs(x))
+    if not _fold_here() or any(d is None for d in x.shape):
+        return ops.mean(ops.abs(x))   # what `pre` computes: trained values = deployed values
     return total_sum(ops.abs(x)) / float(math.prod(int(d) for d in x.shape))
 
 
