@@ -17,7 +17,8 @@ backend (TF, JAX's stateless step, torch), under ``jit_compile`` and
 ``tf.distribute`` (each replica's gradient is the already all-reduced global
 statistic). Inference calls and frozen layers (``trainable=False``) never
 write. A layer must call :func:`commit` once per step on a given variable
-(two calls would sum their gradients).
+(two calls would sum their gradients). :func:`initialize_once` builds
+data-initialised state (LSQ's step, EWGS's interval) on it.
 """
 
 from __future__ import annotations
@@ -56,3 +57,42 @@ def commit(outputs, variables, values):
         return ops.copy(x), grad
 
     return identity(outputs, *old, *new)
+
+
+def initialize_once(initialized, pairs, training=None, valid=None):
+    """Data-initialised state, stored from the first *finite* training step applied.
+
+    ``pairs`` is a list of ``(variable, estimate)`` (statistics of
+    :func:`add_statistic`); each estimate must already be a global statistic
+    (e.g. :func:`kquant.distribute.global_mean`). Returns ``(values, commit)``:
+    the values to use now (the stored ones once ``initialized``, a 0/1
+    statistic, is set, else the fresh estimates; no gradient flows into them)
+    and ``commit(outputs)``, the identity on a tensor of the layer's output
+    path that hands the optimizer the new state (call it once per step; the
+    identity when not training). The optimizer stores the estimates and sets
+    the flag when the call is a training call, every estimate is finite,
+    ``valid`` (a scalar bool) holds and the optimizer applies the step; a
+    NaN/inf batch, a skipped step (even one whose NaN this layer never saw) or
+    an inference call leaves the state as it was. No Python branching on
+    tensors: works under ``jit_compile``, ``tf.distribute`` and JAX tracing.
+    """
+    done = ops.stop_gradient(ops.convert_to_tensor(initialized)) > 0
+    stored = [ops.stop_gradient(ops.convert_to_tensor(v)) for v, _ in pairs]
+    values = [ops.stop_gradient(ops.where(done, ops.cast(old, e.dtype), e))
+              for old, (_, e) in zip(stored, pairs)]
+    if training is None or training is False:
+        return values, lambda outputs: outputs
+    take = ops.all(ops.stack([ops.all(ops.isfinite(e)) for _, e in pairs]))
+    if valid is not None:
+        take = ops.logical_and(take, valid)
+    if training is not True:
+        take = ops.logical_and(take, ops.cast(training, "bool"))
+    take = ops.logical_and(ops.logical_not(done), take)
+    new = [ops.where(take, ops.cast(e, old.dtype), old) for old, (_, e) in zip(stored, pairs)]
+    flag = ops.cast(ops.logical_or(done, take), "float32")
+    variables = [v for v, _ in pairs] + [initialized]
+
+    def write(outputs):
+        return commit(outputs, variables, [*new, flag])
+
+    return values, write

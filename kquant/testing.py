@@ -80,6 +80,19 @@ def variable_grads(variables, loss_fn):
     return [None if g is None else ops.convert_to_numpy(g) for g in grads]
 
 
+def take_step(layer, loss_fn):
+    """One optimizer step with learning rate 0 on ``layer``'s trainable variables for
+    ``loss_fn()``: the step statistics (:mod:`kquant.step_state`, e.g. a data-initialised
+    interval) take the values the forward pass committed; nothing else changes."""
+    if not layer.built:
+        loss_fn()  # builds it (a training call alone stores nothing)
+    variables = list(layer.trainable_variables)
+    grads = variable_grads(variables, loss_fn)
+    keep = [(g, v) for g, v in zip(grads, variables) if g is not None]
+    keras.optimizers.SGD(0.0).apply([ops.convert_to_tensor(g, v.dtype) for g, v in keep],
+                                    [v for _, v in keep])
+
+
 _TWO_CPUS = """\
 import tensorflow as tf
 tf.config.set_logical_device_configuration(

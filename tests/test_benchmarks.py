@@ -138,7 +138,7 @@ def test_overhead_variants_build_the_quantizers_they_name():
     from kquant.estimators.ste import STE, ClippedSTE
 
     expected = {  # variant: (kernel quantizer, input quantizer), as (class, bits, estimator)
-        "float": (None, None), "float_inner": (None, None),
+        "float": (None, None), "float_inner": (None, None), "float_control": (None, None),
         "sign_w": ((quantizers.Sign, 1, ClippedSTE), None),
         "sign_wa": ((quantizers.Sign, 1, ClippedSTE),) * 2,
         "dorefa2_w": ((quantizers.DoReFa, 2, STE), None),
@@ -168,6 +168,7 @@ def test_overhead_variants_build_the_quantizers_they_name():
             if name == "uniform2_w_htge":
                 assert layer.kernel_quantizer.step is None  # learned step
     assert overhead.twin("pact4_a") == "float_inner" and overhead.twin("twn_w") == "float"
+    assert overhead.twin("float_control") == "float" and "float_control" not in overhead.INNER
 
 
 # -- harness CLI ----------------------------------------------------------------

@@ -10,6 +10,7 @@ import pytest
 from keras import ops
 
 import kquant
+from kquant.testing import take_step
 from kquant import reductions
 
 pytestmark = pytest.mark.core
@@ -121,7 +122,7 @@ def test_uniform_step_gradient_equals_formula(mode):
     up = rng.normal(size=w.shape).astype("float32")
     q = kquant.quantizers.Uniform(bits=2, estimator="clipped_ste", lsq_grad_scale=False)
     q.build(w.shape)
-    q(ops.convert_to_tensor(w), training=True)         # initialise Δ from the data
+    take_step(q, lambda: ops.sum(q(ops.convert_to_tensor(w), training=True)))  # Δ₀ from the data
     step = float(ops.convert_to_numpy(q.step_init))
 
     def loss_grads(v):
@@ -129,8 +130,8 @@ def test_uniform_step_gradient_equals_formula(mode):
             import jax
 
             return jax.grad(lambda s: ops.sum(ops.multiply(
-                q.stateless_call([s], [ops.convert_to_tensor(q.step_init),
-                                       ops.convert_to_tensor(q.initialized)], v,
+                q.stateless_call([s, ops.convert_to_tensor(q.step_init),
+                                  ops.convert_to_tensor(q.initialized)], [], v,
                                  training=True)[0], ops.convert_to_tensor(up))))(
                 ops.convert_to_tensor(q.step_scale))
         return _grad_fn(q, up, wrt=q.step_scale)(v)

@@ -7,6 +7,7 @@ import pytest
 from keras import ops
 
 import kquant
+from kquant.testing import take_step
 from kquant.quantizers import BWN, Uniform, channels
 
 pytestmark = pytest.mark.core
@@ -76,7 +77,8 @@ def test_per_channel_input_step_follows_data_format(data_format):
         x, axis = np.moveaxis(x, 1, -1), 3
     iq = Uniform(bits=4, per_channel=True)
     layer = kquant.QuantActivation(iq, data_format=data_format)
-    y = ops.convert_to_numpy(layer(x, training=True))  # the first training batch sets Δ₀
+    take_step(layer, lambda: ops.sum(layer(x, training=True)))  # the first training step sets Δ₀
+    y = ops.convert_to_numpy(layer(x))
     assert iq.channel_axes == (axis,)
     assert tuple(iq.step_scale.shape) == (3,)
     reduce = tuple(a for a in range(4) if a != axis)

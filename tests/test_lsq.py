@@ -5,7 +5,7 @@ import pytest
 from keras import ops
 
 import kquant
-from kquant.testing import variable_grads
+from kquant.testing import take_step, variable_grads
 
 pytestmark = pytest.mark.core
 
@@ -29,9 +29,9 @@ def test_step_gradient_is_lsq_with_its_scale(per_channel):
         q = kquant.quantizer("uniform", bits=4, per_channel=per_channel, estimator="clipped_ste",
                              lsq_grad_scale=scaled)
         q.build(x.shape)
-        q(x, training=True)  # initialises Δ₀ = 2·mean|x|/√Q_P
+        take_step(q, lambda: ops.sum(q(x, training=True)))  # stores Δ₀ = 2·mean|x|/√Q_P
         ut = ops.convert_to_tensor(u)
-        (g,) = variable_grads(q, lambda: ops.sum(q(x, training=True) * ut))
+        (g,) = variable_grads([q.step_scale], lambda: ops.sum(q(x, training=True) * ut))
         grads[scaled] = g
         outs[scaled] = ops.convert_to_numpy(ops.stop_gradient(q(x, training=True)))
     step0 = ops.convert_to_numpy(q.step_init).astype("float64")

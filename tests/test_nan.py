@@ -1,8 +1,9 @@
 """Issue #12: data-initialised state vs NaN batches, inference calls and resuming.
 
-A learnable uniform step is initialised in-graph from the first *finite
-training* batch: a non-finite first batch (skipped by SkipNonFinite), an
-inference call before ``fit`` and a dummy pass on zeros leave it untouched,
+A learnable uniform step is initialised from the first *finite training*
+step the optimizer applies: a non-finite first batch or a skipped step with
+finite activations (SkipNonFinite), an inference call before ``fit`` and a
+dummy pass on zeros leave it untouched,
 and training then reaches exactly the clean run's weights and accuracy.
 """
 
@@ -14,6 +15,7 @@ import pytest
 from keras import ops
 
 import kquant
+from kquant.testing import take_step
 from kquant.callbacks import NonFiniteReport
 from kquant.optimizers import SkipNonFinite
 
@@ -80,9 +82,10 @@ def test_dummy_pass_on_zeros_does_not_fix_the_step():
     q = kquant.quantizer("uniform", bits=4)
     x = np.random.default_rng(0).normal(size=(16, 8)).astype("float32")
     q.build(x.shape)
-    q(np.zeros_like(x), training=True)
+    zeros = ops.convert_to_tensor(np.zeros_like(x))
+    take_step(q, lambda: ops.sum(q(zeros, training=True)))
     assert float(ops.convert_to_numpy(q.initialized)) == 0.0
-    q(x, training=True)
+    take_step(q, lambda: ops.sum(q(x, training=True)))
     np.testing.assert_allclose(float(ops.convert_to_numpy(q.step_init)),
                                2 * np.mean(np.abs(x)) / np.sqrt(7), rtol=1e-5)
 
@@ -116,6 +119,30 @@ def test_first_batch_nan_leaves_state_and_training_matches_clean_run(jit):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     assert h.history["accuracy"][-1] == pytest.approx(hc.history["accuracy"][-1])
     assert hc.history["accuracy"][-1] > 0.5  # it does learn
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_skipped_step_with_finite_activations_stores_nothing(jit):
+    """A NaN sample weight: every quantizer sees finite data (its own estimate is finite),
+    the loss is NaN and SkipNonFinite skips the step; the steps are stored by the
+    optimizer's apply (kquant.step_state), so none is, and training then equals the clean
+    run. (Also what happens when an upstream ReLU maps a NaN pixel to 0.)"""
+    x, y = _data()
+    m = _model(jit)
+    before = _qstate(m)
+    weights = np.ones(BATCH, "float32")
+    weights[3] = np.nan
+    m.fit(x[:BATCH], y[:BATCH], sample_weight=weights, batch_size=BATCH, epochs=1, verbose=0)
+    assert m.optimizer.skipped_steps == 1
+    for a, b in zip(before, _qstate(m)):
+        np.testing.assert_array_equal(a, b)
+    assert all(float(ops.convert_to_numpy(q.initialized)) == 0.0 for q in _quantizers(m))
+    m.fit(x, y, batch_size=BATCH, epochs=2, shuffle=False, verbose=0)
+    assert all(float(ops.convert_to_numpy(q.initialized)) == 1.0 for q in _quantizers(m))
+    clean = _model(jit)
+    clean.fit(x, y, batch_size=BATCH, epochs=2, shuffle=False, verbose=0)
+    for a, b in zip(_weights(m), _weights(clean)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_data_initialised_state_is_restored_exactly_on_resume(tmp_path):

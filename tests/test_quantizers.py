@@ -8,6 +8,7 @@ from hypothesis.extra.numpy import array_shapes, arrays
 from keras import ops
 
 import kquant
+from kquant.testing import take_step
 from kquant.quantizers import BWN, DoReFa, Sign, Uniform
 
 pytestmark = pytest.mark.core  # backend-agnostic core: also run on torch
@@ -78,16 +79,18 @@ def test_uniform_learnable_step_initialises_from_data_and_gets_gradient():
     q.build(x.shape)
     run(q, x)  # an inference call never initialises (issue #12)
     assert float(ops.convert_to_numpy(q.initialized)) == 0.0
-    q(x, training=True)
+    q(x, training=True)   # a training call alone stores nothing: the optimizer's step does
+    assert float(ops.convert_to_numpy(q.initialized)) == 0.0
+    take_step(q, lambda: ops.sum(q(x, training=True)))
     init = 2 * np.mean(np.abs(x)) / np.sqrt(7)
     np.testing.assert_allclose(ops.convert_to_numpy(q.step_init), init, rtol=1e-5)
     # a second batch does not re-initialise
-    q(10 * x, training=True)
+    take_step(q, lambda: ops.sum(q(10 * x, training=True)))
     np.testing.assert_allclose(ops.convert_to_numpy(q.step_init), init, rtol=1e-5)
     # LSQ-style gradient reaches the step through Δ·step(x/Δ)
     from kquant.testing import variable_grads
 
-    (g,) = variable_grads(q, lambda: ops.sum(q(x, training=True) ** 2))
+    (g,) = variable_grads([q.step_scale], lambda: ops.sum(q(x, training=True) ** 2))
     assert np.isfinite(g).all() and abs(float(np.sum(g))) > 0
     _ = grad
 

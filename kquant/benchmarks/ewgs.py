@@ -87,9 +87,12 @@ def distance_to(model, reference):
     moves the latent weights but may flip no quantized level in a few steps, so the
     forward pass, and the loss, can equal STE's to the last bit.
     """
+    from kquant import step_state
+
     numpy = keras.ops.convert_to_numpy
-    return max(float(np.max(np.abs(numpy(a) - numpy(b))))
-               for a, b in zip(model.trainable_weights, reference.trainable_weights))
+    learned = [(a, b) for a, b in zip(model.trainable_weights, reference.trainable_weights)
+               if not step_state.is_statistic(a)]   # not the data-initialised l₀, u₀, α₀
+    return max(float(np.max(np.abs(numpy(a) - numpy(b)))) for a, b in learned)
 
 
 def run(cfg: BenchConfig) -> Result:

@@ -7,6 +7,11 @@ one process (:func:`benchmarks.common.compare_step_times`) and reported as a
 ratio to the float layer (two steps per model per turn, the median of all):
 
 * ``float``: the Keras layer;
+* ``float_control``: a second, separately built and compiled float layer of the
+  same size, timed like every variant: its ratio to ``float`` is the spread of
+  the measurement itself (a step time that differs only by which kernels the
+  compiler or cuDNN's autotuner picked); a quantized row inside that spread is
+  no slower than float;
 * ``sign_w``: kquant binary weights (Sign, its default estimator);
 * ``sign_wa``: binary weights and binary inputs;
 * ``dorefa2_w``: DoReFa 2-bit weights (STE);
@@ -57,6 +62,7 @@ SIZES = {
 
 VARIANTS = {
     "float": None,
+    "float_control": None,
     "sign_w": {"kernel_quantizer": "sign"},
     "sign_wa": {"kernel_quantizer": "sign", "input_quantizer": "sign"},
     "dorefa2_w": {"kernel_quantizer": {"name": "dorefa", "config": {"bits": 2, "estimator": "ste"}}},

@@ -78,3 +78,19 @@ def masked_mean(values, mask, axes=None):
         total = ops.sum(values * mask, axis=axes, keepdims=True)
         count = ops.sum(mask, axis=axes, keepdims=True)
     return total / ops.maximum(count, 1.0)
+
+
+def with_parameter(forward, backward, x, parameter, training):
+    """``forward(x, p)`` with its hand-written ``backward(g, x, p) → (∂ℓ/∂x, ∂ℓ/∂p)`` as
+    one custom-gradient function of ``x`` and a parameter tensor ``p`` (a step, a clip
+    bound); both halves pure, compiled for training graphs (:func:`compiled_in_graph`)."""
+    forward, backward = (compiled_in_graph(f, training) for f in (forward, backward))
+
+    @ops.custom_gradient
+    def fn(x, p):
+        def grad(*args, upstream=None):
+            return backward(args[0] if upstream is None else upstream, x, p)
+
+        return forward(x, p), grad
+
+    return fn(as_tensor(x), as_tensor(parameter))

@@ -20,12 +20,11 @@ Gradients (the paper's Eqs. 2–3):
 import keras
 from keras import ops
 
-from kquant.estimators.base import as_tensor
 from kquant.quantizers.base import Quantizer, apply_slope, check_bits
+from kquant.quantizers.fused import with_parameter
 from kquant.reductions import total_sum
 from kquant.staircase import Staircase
 from kquant.validation import check_number
-from kquant.xla import compiled_in_graph
 
 
 @keras.saving.register_keras_serializable(package="kquant")
@@ -85,16 +84,7 @@ class PACT(Quantizer):
             g_x = apply_slope(g, slope, lambda: st.distance(x * n / a))
             return g_x, total_sum(ops.where(x >= a, g, ops.zeros_like(g)))
 
-        forward, backward = (compiled_in_graph(f, training) for f in (forward, backward))
-
-        @ops.custom_gradient
-        def fn(x, a):
-            def grad(*args, upstream=None):
-                return backward(args[0] if upstream is None else upstream, x, a)
-
-            return forward(x, a), grad
-
-        return fn(as_tensor(x), self._alpha(x.dtype))
+        return with_parameter(forward, backward, x, self._alpha(x.dtype), training)
 
     def extra_bits(self, shape):
         return 32

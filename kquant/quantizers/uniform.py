@@ -7,14 +7,15 @@ e.g. DoReFa activations with ``step=1/(2^b−1)``).
 
 ``step`` a float: fixed Δ. ``step=None``: Δ learned (per tensor, or per output
 channel with ``per_channel=True``); gradients reach Δ through ``Δ·step(x/Δ)``
-as in LSQ (Esser et al. 2020). It is initialised in-graph from the first
-finite *training* batch, ``Δ₀ = 2·mean|x|/√Q_P`` (``Q_P = u``, the largest
-positive level), the mean taken over the global batch on every replica
-(:func:`kquant.distribute.global_mean`); inference calls, NaN/inf batches and
-all-zero batches never initialise it (until then Δ₀ is that batch's
-estimate, not stored); per channel, a channel that is all zero takes the mean
-over channels. It is stored as ``Δ = Δ₀·|c|`` with ``c`` trainable
-(1 at start), so the data-driven part lives in a non-trainable variable.
+as in LSQ (Esser et al. 2020). It is initialised from the first finite
+*training* step the optimizer applies, ``Δ₀ = 2·mean|x|/√Q_P`` (``Q_P = u``,
+the largest positive level), the mean taken over the global batch on every
+replica (:func:`kquant.distribute.global_mean`); inference calls, NaN/inf
+and all-zero batches and steps the optimizer skips never initialise it (until
+then Δ₀ is that batch's estimate, not stored); per channel, a channel that is
+all zero takes the mean over channels. It is stored as ``Δ = Δ₀·|c|`` with
+``c`` trainable (1 at start); Δ₀ is a step statistic that the optimizer
+writes (:func:`kquant.step_state.initialize_once`).
 
 LSQ gradient scale (``lsq_grad_scale=True``, Esser et al. 2020, §2.2): the
 step's gradient is multiplied by ``g = 1/√(N·Q_P)``, ``N`` the number of
@@ -27,13 +28,12 @@ import math
 
 from keras import ops
 
-from kquant import distribute
+from kquant import distribute, step_state
 from kquant.quantizers import channels
-from kquant.estimators.base import as_tensor
 from kquant.quantizers.base import Quantizer, apply_slope, check_bits, sum_to
+from kquant.quantizers.fused import with_parameter
 from kquant.staircase import Staircase
 from kquant.validation import check_bool, check_number
-from kquant.xla import compiled_in_graph
 
 
 class Uniform(Quantizer):
@@ -76,15 +76,9 @@ class Uniform(Quantizer):
             shape = channels.channel_shape(input_shape, self.channel_axes) if self.per_channel else ()
             self.step_scale = self.add_weight(name="step_scale", shape=shape, initializer="ones",
                                               autocast=False)
-            # set once from a global statistic: equal on every replica
-            self.step_init = self.add_weight(
-                name="step_init", shape=shape, initializer="ones", trainable=False,
-                aggregation="only_first_replica", autocast=False,
-            )
-            self.initialized = self.add_weight(
-                name="initialized", shape=(), initializer="zeros", trainable=False,
-                aggregation="only_first_replica", autocast=False,
-            )
+            # set once from a global statistic by the optimizer's step (kquant.step_state)
+            self.step_init = step_state.add_statistic(self, "step_init", shape, "ones")
+            self.initialized = step_state.add_statistic(self, "initialized", (), "zeros")
             # LSQ's N: values per step (the batch axis, when unknown, is not counted)
             size = math.prod(int(d) for d in input_shape if d is not None)
             channels_count = math.prod(shape) if shape else 1
@@ -108,9 +102,10 @@ class Uniform(Quantizer):
             mean_abs = ops.where(mean_abs > 0, mean_abs, ops.mean(mean_abs))
         estimate = 2.0 * mean_abs / math.sqrt(u)
         # an all-zero batch (e.g. a dummy pass on zeros) carries no scale: wait for data
-        (base,) = distribute.initialize_once(self.initialized, [(self.step_init, estimate)],
-                                             training=training, valid=ops.all(mean_abs > 0))
-        base = ops.maximum(base, 1e-8)
+        (base,), commit = step_state.initialize_once(
+            self.initialized, [(self.step_init, estimate)], training=training,
+            valid=ops.all(mean_abs > 0))
+        base = commit(ops.maximum(base, 1e-8))
         scale = ops.convert_to_tensor(self.step_scale)
         g = self.lsq_gradient_scale
         if g != 1.0:  # gradient × g, value exactly c
@@ -154,16 +149,7 @@ class Uniform(Quantizer):
             g_z = apply_slope(g * step, slope, lambda: st.distance(z))
             return g_z / step, sum_to(g * q - g_z * z / step, step)
 
-        forward, backward = (compiled_in_graph(f, training) for f in (forward, backward))
-
-        @ops.custom_gradient
-        def fn(x, step):
-            def grad(*args, upstream=None):
-                return backward(args[0] if upstream is None else upstream, x, step)
-
-            return forward(x, step), grad
-
-        return fn(as_tensor(x), as_tensor(step))
+        return with_parameter(forward, backward, x, step, training)
 
     def get_config(self):
         return {

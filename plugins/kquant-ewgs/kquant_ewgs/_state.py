@@ -6,17 +6,23 @@
   *global* batch, not replica 0's slice (equal per-replica batches, as
   ``MirroredStrategy`` splits them). On JAX ``DataParallel`` the batch is one
   global array, so a mean is already global; on one device it is the identity.
-* **Write once, finite, training only** — :func:`init_once`: the stored value
-  is written the first time a *training* call sees a finite estimate; until
-  then every call uses the estimate from its own data without storing it, so
-  a non-finite batch (even the first) or an inference call leaves the state
-  exactly as it was.
+* **Write once, finite, training only, with the step** — :func:`init_once`:
+  the stored value is written the first time a *training* step that the
+  optimizer applies sees a finite estimate; until then every call uses the
+  estimate from its own data without storing it. The write goes through
+  :mod:`kquant.step_state` (the variables are step statistics, assigned by the
+  optimizer inside its apply): a step the optimizer skips (``SkipNonFinite``,
+  a loss-scale overflow) leaves the state as it was even when this layer's
+  input was finite (a NaN pixel that an upstream ReLU mapped to 0, a NaN
+  label), and so does an inference call.
 """
 
 from __future__ import annotations
 
 import keras
 from keras import ops
+
+from kquant import step_state
 
 
 def replica_mean(x):
@@ -31,20 +37,27 @@ def replica_mean(x):
     return x
 
 
+def add_state(layer, name, initializer="zeros"):
+    """A scalar float32 step statistic of ``layer`` (written only by :func:`init_once`)."""
+    return step_state.add_statistic(layer, name, (), initializer)
+
+
 def init_once(variables, moments, num_moments, finish, initialized, training):
-    """Values for ``variables`` under the write-once rule.
+    """Values for ``variables`` under the write-once rule, and the commit.
 
     ``moments()`` gives this replica's ``num_moments`` batch statistics
     (scalars), evaluated only while not yet initialised (inside a ``cond``);
     they are then averaged across replicas by :func:`replica_mean` (outside the
     ``cond``: a collective may not sit in a branch) and ``finish(moments)``
-    turns them into the estimates. Returns the tensors to use now: the stored
-    values once initialised, else the estimates. The variables (and
-    ``initialized``) are written only when ``training`` is true, not yet
-    initialised and every estimate is finite.
+    turns them into the estimates. Returns ``(values, commit)``: the tensors to
+    use now (the stored values once initialised, else the estimates; no
+    gradient flows into them) and ``commit(outputs)``, the identity on a
+    tensor of the caller's output path that hands the optimizer the new state
+    (:func:`kquant.step_state.initialize_once`; call it once per step). The variables
+    (and ``initialized``) change only when ``training`` is true, not yet
+    initialised, every estimate is finite and the optimizer applies the step.
     """
-    done = ops.convert_to_tensor(initialized) > 0
-    stored = [ops.convert_to_tensor(v) for v in variables]
+    done = ops.stop_gradient(ops.convert_to_tensor(initialized)) > 0
 
     def local():
         return [ops.cast(m, "float32") for m in moments()]
@@ -54,11 +67,5 @@ def init_once(variables, moments, num_moments, finish, initialized, training):
 
     reduced = [replica_mean(m) for m in ops.cond(done, skipped, local)]
     estimates = [ops.cast(e, v.dtype) for v, e in zip(variables, finish(reduced))]
-    values = [ops.where(done, old, e) for old, e in zip(stored, estimates)]
-    if training:
-        finite = ops.all(ops.stack([ops.all(ops.isfinite(v)) for v in values]))
-        write = ops.logical_and(ops.logical_not(done), finite)
-        for v, value, old in zip(variables, values, stored):
-            v.assign(ops.where(write, value, old))
-        initialized.assign(ops.where(write, 1.0, ops.convert_to_tensor(initialized)))
-    return values
+    return step_state.initialize_once(initialized, list(zip(variables, estimates)),
+                                      training=bool(training))

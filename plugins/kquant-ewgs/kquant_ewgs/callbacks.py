@@ -21,6 +21,17 @@ import numpy as np
 from kquant_ewgs.hessian import estimate_deltas, ewgs_estimators
 
 
+def _check_finite(name, data):
+    """A NaN/inf sample would give a NaN Hessian probe, or a finite but wrong one where a
+    ReLU maps it to 0: refuse the reference data before training starts."""
+    if np.issubdtype(data.dtype, np.floating) or np.issubdtype(data.dtype, np.complexfloating):
+        bad = ~np.isfinite(data)
+        if bad.any():
+            first = tuple(int(i) for i in np.argwhere(bad)[0])
+            raise ValueError(f"DeltaUpdate: `{name}` has {int(bad.sum())} NaN/inf value(s) "
+                             f"(first at index {first}); δ is estimated from finite data only.")
+
+
 class DeltaUpdate(keras.callbacks.Callback):
     """Sets each adaptive EWGS δ from a Hutchinson Hessian-trace estimate every ``every`` steps."""
 
@@ -38,6 +49,8 @@ class DeltaUpdate(keras.callbacks.Callback):
         self.x, self.y = np.asarray(x), np.asarray(y)
         if len(self.x) != len(self.y) or len(self.x) == 0:
             raise ValueError("DeltaUpdate: `x` and `y` must be non-empty and of equal length.")
+        for name, data in (("x", self.x), ("y", self.y)):
+            _check_finite(name, data)
         self.every = int(every)
         self.batch_size = int(batch_size)
         self.num_batches = int(num_batches)

@@ -23,14 +23,14 @@ import numpy as np
 from keras import ops
 
 from kquant.layers import QuantConv2D, QuantDense
-from kquant_ewgs._state import init_once
+from kquant_ewgs._state import add_state, init_once
 
 
 class OutputScale(keras.layers.Layer):
     """EWGS's per-layer output scale ``|α|``, ``α = α₀ + Δα``.
 
-    ``α₀`` is non-trainable, written once from data at the first call (on JAX
-    only non-trainable variables may be written inside a train step); the
+    ``α₀`` is a step statistic, written once from data by the optimizer's apply
+    (the first finite training step it takes: :mod:`kquant_ewgs._state`); the
     trainable ``Δα`` starts at 0, so ``∂ℓ/∂Δα = ∂ℓ/∂α`` exactly. A sublayer of
     its EWGS layer, so it saves and loads beside the kernel.
     """
@@ -40,11 +40,9 @@ class OutputScale(keras.layers.Layer):
         self.lr_multiplier = float(lr_multiplier)
 
     def build(self, input_shape=None):
-        self.init = self.add_weight(name="init", shape=(), initializer="ones", trainable=False,
-                                    aggregation="only_first_replica")
+        self.init = add_state(self, "init", "ones")
         self.offset = self.add_weight(name="offset", shape=(), initializer="zeros")
-        self.initialized = self.add_weight(name="initialized", shape=(), initializer="zeros",
-                                           trainable=False, aggregation="only_first_replica")
+        self.initialized = add_state(self, "initialized")
         self.built = True
 
     def value(self):
@@ -54,7 +52,7 @@ class OutputScale(keras.layers.Layer):
     def apply_to(self, o_q, moments, training=None):
         """``|α|·o_q``; ``moments()`` gives ``E|o|, E|o_q|`` of the call's data and
         ``α₀ = E|o| / E|o_q|`` (global batch). α₀ is stored from the first finite batch
-        of a training call (see :mod:`kquant_ewgs._state`)."""
+        of a training step the optimizer applies (see :mod:`kquant_ewgs._state`)."""
         def finish(m):
             num, den = m
             ratio = ops.where(den > 0, num / ops.maximum(den, 1e-12), 1.0)
@@ -62,9 +60,9 @@ class OutputScale(keras.layers.Layer):
             ok = ops.logical_and(ops.isfinite(num), ops.isfinite(den))
             return [ops.where(ok, ratio, np.nan)]
 
-        (alpha0,) = init_once([self.init], moments, 2, finish, self.initialized, training)
+        (alpha0,), commit = init_once([self.init], moments, 2, finish, self.initialized, training)
         alpha0 = ops.cast(alpha0, o_q.dtype)
-        return o_q * ops.abs(alpha0 + self.lr_multiplier * ops.cast(self.offset, o_q.dtype))
+        return commit(o_q * ops.abs(alpha0 + self.lr_multiplier * ops.cast(self.offset, o_q.dtype)))
 
     def call(self, o_q):
         raise TypeError("OutputScale is applied by its layer through `apply_to(o_q, estimate)`.")

@@ -23,7 +23,7 @@ from keras import ops
 
 from kquant.quantizers.base import Quantizer, check_bits
 from kquant.staircase import Staircase
-from kquant_ewgs._state import init_once
+from kquant_ewgs._state import add_state, init_once
 
 _KINDS = ("weight", "activation")
 _EPS = 1e-8
@@ -61,17 +61,13 @@ class EWGSQuantizer(Quantizer):
         return Staircase(0.0, float(self.levels))
 
     def build(self, input_shape):
-        # l = l₀ + Δl: the data-driven l₀ is non-trainable state (set at the first
-        # forward pass; on JAX only non-trainable variables may be written inside
-        # a train step), the trainable Δl starts at 0, so ∂ℓ/∂Δl = ∂ℓ/∂l exactly.
-        def state(name):
-            return self.add_weight(name=name, shape=(), initializer="zeros", trainable=False,
-                                   aggregation="only_first_replica")
-
-        self.lower_init, self.upper_init = state("lower_init"), state("upper_init")
+        # l = l₀ + Δl: the data-driven l₀ is a step statistic (set by the optimizer's
+        # apply from the first finite training step it takes: kquant_ewgs._state), the
+        # trainable Δl starts at 0, so ∂ℓ/∂Δl = ∂ℓ/∂l exactly.
+        self.lower_init, self.upper_init = add_state(self, "lower_init"), add_state(self, "upper_init")
         self.lower_offset = self.add_weight(name="lower_offset", shape=(), initializer="zeros")
         self.upper_offset = self.add_weight(name="upper_offset", shape=(), initializer="zeros")
-        self.initialized = state("initialized")
+        self.initialized = add_state(self, "initialized")
         super().build(input_shape)
 
     def _initial_interval(self, moments):
@@ -84,8 +80,9 @@ class EWGSQuantizer(Quantizer):
         return ops.zeros_like(sigma), 3.0 * sigma / math.sqrt(1.0 - 2.0 / math.pi)
 
     def interval(self, x, training=None):
-        """``(l, u)`` as tensors. ``l₀, u₀`` are stored from the first finite batch of a
-        training call; before that every call uses its own data's estimate."""
+        """``(l, u)`` as tensors and the commit of ``l₀, u₀`` (:func:`init_once`). They are
+        stored from the first finite batch of a training step the optimizer applies; before
+        that every call uses its own data's estimate."""
         def moments():
             v = ops.cast(ops.stop_gradient(x), "float32")
             return [ops.mean(v), ops.mean(ops.square(v))]
@@ -94,12 +91,12 @@ class EWGSQuantizer(Quantizer):
             l0, u0 = self._initial_interval(moments)
             return [l0, ops.maximum(u0, l0 + 1e-3)]  # a constant tensor has σ = 0
 
-        l0, u0 = init_once([self.lower_init, self.upper_init], moments, 2, finish,
-                           self.initialized, training)
+        (l0, u0), commit = init_once([self.lower_init, self.upper_init], moments, 2, finish,
+                                     self.initialized, training)
         m = self.lr_multiplier
         l0, u0 = ops.cast(l0, x.dtype), ops.cast(u0, x.dtype)
         return (l0 + m * ops.cast(self.lower_offset, x.dtype),
-                u0 + m * ops.cast(self.upper_offset, x.dtype))
+                u0 + m * ops.cast(self.upper_offset, x.dtype)), commit
 
     def bounds(self):
         """The current ``(l, u)`` as floats."""
@@ -109,9 +106,9 @@ class EWGSQuantizer(Quantizer):
         return float(lo), float(hi)
 
     def pre(self, x, training=None):
-        lower, upper = self.interval(x, training=training)
+        (lower, upper), commit = self.interval(x, training=training)
         x_n = ops.clip((x - lower) / ops.maximum(upper - lower, _EPS), 0.0, 1.0)
-        return self.levels * x_n, {}
+        return commit(self.levels * x_n), {}
 
     def post(self, q, params):
         x_q = q / self.levels

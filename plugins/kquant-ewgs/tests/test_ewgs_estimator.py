@@ -3,7 +3,7 @@
 import keras
 import numpy as np
 import pytest
-from kquant.testing import grad
+from kquant.testing import grad, take_step
 from keras import ops
 
 import kquant
@@ -15,7 +15,10 @@ pytestmark = pytest.mark.core  # backend-agnostic core: also run on torch
 
 def _quantizer(bits, kind, estimator, x):
     q = EWGSQuantizer(bits, kind=kind, estimator=estimator)
-    q(ops.convert_to_tensor(x), training=True)  # first training call: data-driven l, u
+    x = ops.convert_to_tensor(x)
+    q(x)                                             # built; l, u not stored yet
+    assert float(ops.convert_to_numpy(q.initialized)) == 0
+    take_step(q, lambda: ops.sum(q(x, training=True)))   # first applied step: data-driven l, u
     return q
 
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from kquant.testing import variable_grads
+from kquant.testing import take_step, variable_grads
 from keras import ops
 
 import keras
@@ -52,7 +52,7 @@ def test_delta_from_exact_hessian_of_a_quantized_dense_layer():
     layer = EWGSDense(units, use_bias=False, kernel_quantizer=EWGSQuantizer(2))
     model = keras.Sequential([keras.Input((fan_in,)), layer])
     model.compile("sgd", "mse")
-    model(x, training=True)  # initialises l, u, α from this batch
+    take_step(model, lambda: ops.sum(model(x, training=True)))  # stores l, u, α from this batch
     alpha = float(ops.convert_to_numpy(layer.output_scale))
     est = layer.kernel_quantizer.estimator
     # exact Hessian w.r.t. vec(x_q): y = α X (2x_q − 1), ℓ = mean((y − t)²)
@@ -95,7 +95,9 @@ def test_output_scale_initialised_from_data():
     x = np.abs(np.random.default_rng(4).normal(size=(4, 6, 6, 3))).astype("float32")
     layer = EWGSConv2D(5, 3, kernel_quantizer=EWGSQuantizer(2),
                        input_quantizer=EWGSQuantizer(2, kind="activation"))
-    layer(x, training=True)
+    layer(x)
+    assert float(ops.convert_to_numpy(layer.output_scaler.initialized)) == 0
+    take_step(layer, lambda: ops.sum(layer(x, training=True)))   # the optimizer stores α₀, l, u
     o = ops.convert_to_numpy(layer.convolution_op(x, layer.kernel))
     o_q = ops.convert_to_numpy(layer.convolution_op(layer.input_quantizer(x),
                                                    layer.kernel_quantizer(layer.kernel)))
@@ -114,7 +116,7 @@ def test_interval_and_scale_receive_gradients_and_train():
     model = _ewgs_model(delta=1e-3, adaptive=False)
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     model.compile(keras.optimizers.Adam(3e-3), loss)
-    model(x[:32], training=True)
+    take_step(model, lambda: loss(y[:32], model(x[:32], training=True)))   # l₀, u₀, α₀ stored
     names = ("lower_offset", "upper_offset", "offset")
     tracked = [v for v in model.trainable_variables if v.path.split("/")[-1] in names]
     assert len(tracked) == 2 * (2 * 2 + 1)   # two layers × ((weight, activation) × (l, u) + α)
