@@ -40,8 +40,9 @@ class OutputScale(keras.layers.Layer):
         self.lr_multiplier = float(lr_multiplier)
 
     def build(self, input_shape=None):
-        self.init = add_state(self, "init", "ones")
+        # the saved layout of files written when α₀ was non-trainable (offset first)
         self.offset = self.add_weight(name="offset", shape=(), initializer="zeros")
+        self.init = add_state(self, "init", "ones")
         self.initialized = add_state(self, "initialized")
         self.built = True
 

@@ -63,10 +63,11 @@ class EWGSQuantizer(Quantizer):
     def build(self, input_shape):
         # l = l₀ + Δl: the data-driven l₀ is a step statistic (set by the optimizer's
         # apply from the first finite training step it takes: kquant_ewgs._state), the
-        # trainable Δl starts at 0, so ∂ℓ/∂Δl = ∂ℓ/∂l exactly.
-        self.lower_init, self.upper_init = add_state(self, "lower_init"), add_state(self, "upper_init")
+        # trainable Δl starts at 0, so ∂ℓ/∂Δl = ∂ℓ/∂l exactly. Created in the saved
+        # layout of files written when l₀ was non-trainable (offsets first): they still load.
         self.lower_offset = self.add_weight(name="lower_offset", shape=(), initializer="zeros")
         self.upper_offset = self.add_weight(name="upper_offset", shape=(), initializer="zeros")
+        self.lower_init, self.upper_init = add_state(self, "lower_init"), add_state(self, "upper_init")
         self.initialized = add_state(self, "initialized")
         super().build(input_shape)
 

@@ -164,6 +164,25 @@ def test_save_and_load_round_trip(tmp_path):
     assert float(ops.convert_to_numpy(est.delta)) == pytest.approx(0.123)
 
 
+def test_saved_layout_is_the_one_files_were_written_in():
+    """Keras saves a layer's variables by position (trainable, then non-trainable). l₀, u₀,
+    α₀ became trainable step statistics; created after the offsets they keep the positions
+    of files saved when they were non-trainable, which so still load into the right
+    variables (a swap would load l₀ into Δl without any error)."""
+    layer = EWGSDense(3, kernel_quantizer=EWGSQuantizer(2),
+                      input_quantizer=EWGSQuantizer(2, kind="activation"))
+    layer(np.ones((2, 4), "float32"))
+    legacy = {"kernel_quantizer": ["lower_offset", "upper_offset", "lower_init", "upper_init",
+                                   "initialized"],
+              "input_quantizer": ["lower_offset", "upper_offset", "lower_init", "upper_init",
+                                  "initialized"],
+              "output_scaler": ["offset", "init", "initialized"]}
+    for attr, names in legacy.items():
+        store = {}
+        getattr(layer, attr).save_own_variables(store)
+        assert [store[str(i)].name for i in range(len(store))] == names, attr
+
+
 def test_registered_like_a_third_party_plugin():
     assert isinstance(kquant.estimators.get("ewgs"), EWGS)
     assert isinstance(kquant.quantizer("ewgs", bits=3, kind="activation"), EWGSQuantizer)
