@@ -138,3 +138,22 @@ def test_training_and_export_under_mixed_precision(policy, bits0, tmp_path):
         pytest.xfail("XLA contracts DoReFa-16's pre-rounding arithmetic into an FMA: the "
                      "trained model's compiled forward differs from its own eager one")
     assert same
+
+
+def test_data_initialised_steps_are_stored_unscaled_under_mixed_precision(policy):
+    """The learned steps' Δ₀ = 2·mean|x|/√Q_P are written by the optimizer's step
+    (kquant.step_state); under mixed_float16 Keras wraps it in a LossScaleOptimizer, which
+    must hand them over without the loss-scale division it applies to gradients."""
+    (x, y), _ = kquant.datasets.load("digits")
+    x, y = x.reshape(len(x), -1)[:64], y[:64]
+    m = _mp_model(8)
+    w = ops.convert_to_numpy(m.layers[2].latent_kernel).astype("float64")
+    assert isinstance(m.optimizer, keras.optimizers.LossScaleOptimizer) == (policy == "mixed_float16")
+    m.fit(x, y, batch_size=64, epochs=1, verbose=0)
+    seen = ops.convert_to_numpy(ops.cast(ops.cast(x, m.layers[0].compute_dtype), "float32"))
+    iq, kq = m.layers[0].input_quantizer, m.layers[2].kernel_quantizer
+    assert all(float(ops.convert_to_numpy(q.initialized)) == 1.0 for q in (iq, kq))
+    np.testing.assert_allclose(float(ops.convert_to_numpy(iq.step_init)),
+                               2 * np.mean(np.abs(seen)) / np.sqrt(15), rtol=1e-5)
+    np.testing.assert_allclose(float(ops.convert_to_numpy(kq.step_init)),
+                               2 * np.mean(np.abs(w)) / np.sqrt(127), rtol=1e-5)

@@ -204,3 +204,31 @@ def test_registered_like_a_third_party_plugin():
 
     out = CliRunner().invoke(main, ["estimators"], terminal_width=200)
     assert out.exit_code == 0 and "ewgs" in out.output and "kquant-ewgs" in out.output
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_intervals_stored_unscaled_under_mixed_precision(policy):
+    """l₀, u₀ and α₀ are step statistics: under mixed_float16 the LossScaleOptimizer hands
+    them over without its loss-scale division; the weight interval is ∓3σ(W) of the W the
+    step saw, and training goes on finite."""
+    old = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(policy)
+    try:
+        x, y = _digits(64)
+        model = _ewgs_model(delta=1e-3, adaptive=False)
+        model.add(keras.layers.Activation("linear", dtype="float32"))
+        model.compile(keras.optimizers.Adam(1e-3),
+                      keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        layer = model.layers[2]
+        w = ops.convert_to_numpy(layer.kernel).astype("float64")
+        model.fit(x[:32], y[:32], batch_size=32, epochs=1, verbose=0)
+        q = layer.kernel_quantizer
+        stored = [float(ops.convert_to_numpy(v)) for v in (q.lower_init, q.upper_init)]
+        np.testing.assert_allclose(stored, (-3 * w.std(), 3 * w.std()), rtol=1e-5)
+        alpha0 = float(ops.convert_to_numpy(layer.output_scaler.init))
+        assert float(ops.convert_to_numpy(layer.output_scaler.initialized)) == 1.0
+        assert 0.1 < alpha0 < 10.0, alpha0   # E|o|/E|o_q|: no factor of the loss scale
+        h = model.fit(x, y, batch_size=32, epochs=3, verbose=0)
+        assert np.isfinite(h.history["loss"]).all() and h.history["loss"][-1] < h.history["loss"][0]
+    finally:
+        keras.config.set_dtype_policy(old)
