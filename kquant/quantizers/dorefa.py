@@ -9,10 +9,9 @@ gradients flow through ``tanh`` and the max as in DoReFa's code.
 
 from keras import ops
 
-from kquant.estimators.base import as_tensor
 from kquant.quantizers.base import Quantizer, apply_slope, check_bits
+from kquant.quantizers.fused import one_input
 from kquant.reductions import total_max, total_sum
-from kquant.xla import compiled_in_graph
 from kquant.staircase import Staircase
 
 
@@ -69,18 +68,7 @@ class DoReFa(Quantizer):
             g_t = g_w / two_m + ops.sign(t) * ties * (g_big / total_sum(ties))
             return g_t * (1.0 - t * t)
 
-        forward, backward = (compiled_in_graph(f, training) for f in (forward, backward))
-
-        @ops.custom_gradient
-        def fn(x):
-            y, big = forward(x)
-
-            def grad(*args, upstream=None):
-                return backward(args[0] if upstream is None else upstream, x, big)
-
-            return y, grad
-
-        return fn(as_tensor(x))
+        return one_input(forward, backward, x, training)
 
     def get_config(self):
         return {**super().get_config(), "bits": self.bits}

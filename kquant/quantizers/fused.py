@@ -43,17 +43,31 @@ def scaled_staircase(x, slope, staircase, training, stats=None):
             g = g * (a if d is None else a / d)
         return g
 
+    identity = stats is None and is_ste(slope)   # plain STE on sign: ∂ℓ/∂x = g
+    return one_input(forward, backward, x, training, identity=identity)
+
+
+def is_ste(slope) -> bool:
+    """The estimator's ``F'`` is 1 (the STE): its backward is the identity."""
+    return isinstance(slope, float) and slope == 1.0
+
+
+def one_input(forward, backward, x, training, extra=(), identity=False):
+    """``forward(x, *extra)`` with its hand-written ``backward(g, x, *saved) → ∂ℓ/∂x`` as
+    one custom-gradient function of ``x``. ``forward`` returns ``y`` or ``(y, *saved)``
+    (statistics of ``x`` the backward holds constant); ``extra`` are inputs that get no
+    gradient (a noise seed); ``identity``: ``∂ℓ/∂x = g`` without a call. Both halves
+    pure, compiled for training graphs (:func:`compiled_in_graph`)."""
     forward, backward = (compiled_in_graph(f, training) for f in (forward, backward))
-    identity = stats is None and isinstance(slope, float) and slope == 1.0  # plain STE on sign
 
     @ops.custom_gradient
     def fn(x):
-        out = forward(x)
-        y, consts = (out, ()) if stats is None else (out[0], tuple(out[1:]))
+        out = forward(x, *extra)
+        y, saved = (out[0], tuple(out[1:])) if isinstance(out, (tuple, list)) else (out, ())
 
         def grad(*args, upstream=None):
             g = args[0] if upstream is None else upstream
-            return g if identity else backward(g, x, *consts)
+            return g if identity else backward(g, x, *saved)
 
         return y, grad
 

@@ -17,11 +17,10 @@ BinaryConnect's ``g_x = g`` (the paper also clips the latent weights to
 import keras
 from keras import ops
 
-from kquant.estimators.base import as_tensor
 from kquant.noise import uniform_source
 from kquant.quantizers.base import Quantizer, apply_slope
+from kquant.quantizers.fused import is_ste, one_input
 from kquant.staircase import Staircase
-from kquant.xla import compiled_in_graph
 
 _SIGN = Staircase.sign()
 
@@ -78,19 +77,8 @@ class StochasticSign(Quantizer):
         def backward(g, x):
             return apply_slope(g, slope, lambda: x)
 
-        forward, backward = (compiled_in_graph(f, training) for f in (forward, backward))
-
-        identity = isinstance(slope, float) and slope == 1.0  # BinaryConnect's g_x = g
-
-        @ops.custom_gradient
-        def fn(x):
-            def grad(*args, upstream=None):
-                g = args[0] if upstream is None else upstream
-                return g if identity else backward(g, x)
-
-            return forward(x, source), grad
-
-        return fn(as_tensor(x))
+        # the STE is BinaryConnect's g_x = g
+        return one_input(forward, backward, x, training, extra=(source,), identity=is_ste(slope))
 
     def get_config(self):
         return {**super().get_config(), "seed": self.seed}

@@ -24,7 +24,7 @@ from kquant_ewgs.hessian import estimate_deltas, ewgs_estimators
 def _check_finite(name, data):
     """A NaN/inf sample would give a NaN Hessian probe, or a finite but wrong one where a
     ReLU maps it to 0: refuse the reference data before training starts."""
-    if np.issubdtype(data.dtype, np.floating) or np.issubdtype(data.dtype, np.complexfloating):
+    if np.issubdtype(data.dtype, np.inexact):
         bad = ~np.isfinite(data)
         if bad.any():
             first = tuple(int(i) for i in np.argwhere(bad)[0])
