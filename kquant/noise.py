@@ -7,22 +7,30 @@ pure function that turns the source into the noise, to run inside a fused,
 compiled half (:func:`kquant.xla.compiled_in_graph`) where XLA generates the
 values in the loop that uses them.
 
-TensorFlow: the source is the stateless seed and the noise
-``tf.random.stateless_uniform`` with the algorithm named: Philox outside XLA
-(the values of ``keras.random.uniform``, whose ``auto_select`` is Philox
-there) and ThreeFry where XLA compiles it. ``auto_select`` under XLA:CPU
-measured 1.87 s for a 2048×2048 draw, Philox 16 ms, ThreeFry 9.9 ms (TF 2.21,
-2 cores); a stochastic-sign Dense 2048 train step was 52× its float twin with
-``auto_select``, 2.1× with Philox, 1.3× with ThreeFry. (Outside XLA, TensorFlow's
-CPU kernel has no ThreeFry; XLA's and TensorFlow's Philox streams differ anyway.)
-Other backends: the source is ``keras.random.uniform``'s draw itself.
+TensorFlow: the source is the stateless seed ``(k₀, k₁)`` and the noise a
+counter-based draw in plain integer ops (:func:`counter_uniform`): element
+``i`` (its flat index) gets the 32 bits ``h = H(i ⊕ κ)``, ``κ = H(H(k₀) ⊕
+H(k₁ ⊕ φ))``, ``H`` the *lowbias32* integer hash (C. Wellons, hash-prospector:
+two xorshift-multiply rounds, a bijection of 32-bit words with full avalanche),
+``φ = 0x9E3779B9``, and ``u = lo + (hi − lo)·⌊h/2⁸⌋·2⁻²⁴`` (24 bits: exact in
+float32). XLA fuses it into the loop that uses ``u``, so nothing is
+materialised, and the same values come eagerly, in a graph and under XLA.
+TensorFlow's own generators are not fusable: a 2048×2048 draw under XLA:CPU
+took 1.87 s with ``auto_select``, 16 ms with Philox, 9.9 ms with ThreeFry (TF
+2.21, 2 cores). A stochastic-sign Dense 2048 train step with ThreeFry was 1.34×
+its float twin; with this hash 1.07× (sign's 1.07×); hashing twice (``H(H(i ⊕
+a) ⊕ b)``) 1.22×: the draw is bound by its integer multiplies.
+Other backends: the source is ``keras.random.uniform``'s draw itself (JAX's
+ThreeFry is plain HLO that XLA fuses; torch has no XLA).
 """
 
 from __future__ import annotations
 
 import keras
 
-from kquant.xla import in_xla
+#: lowbias32's multipliers (Wellons, hash-prospector) and the golden-ratio word
+LOWBIAS32 = (0x7FEB352D, 0x846CA68B)
+GOLDEN = 0x9E3779B9
 
 
 def uniform_source(shape, minval, maxval, dtype, seed_generator):
@@ -36,11 +44,26 @@ def uniform_source(shape, minval, maxval, dtype, seed_generator):
     seed = seed_generator.next()
     if seed.dtype != tf.int32:  # as keras.random: stateless ops take int32 seeds under XLA
         seed = tf.cast(tf.math.floormod(seed, tf.int32.max - 1), tf.int32)
+    return seed, lambda source: counter_uniform(shape, source, minval, maxval, dtype)
 
-    def sample(source):
-        alg = "threefry" if in_xla() else "philox"
-        return tf.random.stateless_uniform(shape, source, minval=tf.cast(minval, dtype),
-                                           maxval=tf.cast(maxval, dtype), dtype=dtype,
-                                           alg=alg)
 
-    return seed, sample
+def counter_uniform(shape, seed, minval, maxval, dtype):
+    """TensorFlow: ``U[minval, maxval)`` of ``shape`` from the int32 pair ``seed`` by the
+    counter hash of the module docstring (a pure function of ``seed`` and the index)."""
+    import tensorflow as tf
+
+    def word(value):
+        return tf.constant(value, tf.uint32)
+
+    def mix(x):  # lowbias32
+        x = tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, word(16))) * word(LOWBIAS32[0])
+        x = tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, word(15))) * word(LOWBIAS32[1])
+        return tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, word(16)))
+
+    key = tf.bitcast(tf.cast(seed, tf.int32), tf.uint32)
+    a = mix(tf.bitwise.bitwise_xor(mix(key[0]), mix(tf.bitwise.bitwise_xor(key[1], word(GOLDEN)))))
+    shape = tf.convert_to_tensor(shape, tf.int32)
+    index = tf.bitcast(tf.reshape(tf.range(tf.reduce_prod(shape)), shape), tf.uint32)
+    bits = mix(tf.bitwise.bitwise_xor(index, a))
+    unit = tf.cast(tf.bitwise.right_shift(bits, word(8)), tf.float32) * (2.0 ** -24)
+    return tf.cast(minval + (maxval - minval) * unit, dtype)

@@ -54,7 +54,7 @@ def test_seed_must_be_an_int():
 @pytest.mark.parametrize("jit", [False, True])
 def test_sampling_law_and_gradient_in_tensorflow_graphs(jit):
     """In a train-step graph (its halves XLA-compiled, noise drawn inside: ``kquant.noise``)
-    and under ``jit_compile`` (ThreeFry): the same law, a fresh sample per call, ``g_x = g``."""
+    and under ``jit_compile``: the same law, a fresh sample per call, ``g_x = g``."""
     import tensorflow as tf
 
     n = 4000
@@ -80,15 +80,62 @@ def test_sampling_law_and_gradient_in_tensorflow_graphs(jit):
     assert not np.array_equal(step(x)[0].numpy(), y)
 
 
-@pytest.mark.tf_only
-def test_training_noise_outside_xla_is_keras_uniform():
-    """Outside XLA the fused draw is ``keras.random.uniform``'s (Philox) stream."""
-    import keras
+def _counter_uniform_reference(n, seed):
+    """NumPy transcription of ``kquant.noise``'s formula: ``U[−1, 1)`` for indices ``0..n−1``."""
+    def mix(x):
+        x = np.atleast_1d(np.asarray(x, np.uint32))   # arrays wrap silently, scalars warn
+        x = (x ^ (x >> np.uint32(16))) * np.uint32(0x7FEB352D)
+        x = (x ^ (x >> np.uint32(15))) * np.uint32(0x846CA68B)
+        return x ^ (x >> np.uint32(16))
 
-    x = np.zeros((64, 32), "float32") + 0.25
+    k0, k1 = np.asarray(seed, np.int32).view(np.uint32)
+    key = mix(mix(k0) ^ mix(k1 ^ np.uint32(0x9E3779B9)))
+    bits = mix(np.arange(n, dtype=np.uint32) ^ key)
+    return (bits >> np.uint32(8)).astype(np.float64) * 2.0**-23 - 1.0
+
+
+@pytest.mark.tf_only
+@pytest.mark.parametrize("mode", ["eager", "graph", "jit"])
+def test_tensorflow_noise_is_one_counter_stream_eagerly_in_graphs_and_under_xla(mode):
+    """The fused draw is the counter hash of ``kquant.noise`` in every mode: the same
+    sample eagerly, in a graph (its halves XLA-compiled) and under ``jit_compile``."""
+    import keras
+    import tensorflow as tf
+
+    x = (np.random.default_rng(2).uniform(-1.2, 1.2, size=(64, 33))).astype("float32")
     q = StochasticSign(seed=13)
     q.build(x.shape)
-    y = ops.convert_to_numpy(q(x, training=True))
-    noise = ops.convert_to_numpy(keras.random.uniform(x.shape, -1.0, 1.0,
-                                                      seed=keras.random.SeedGenerator(13)))
-    np.testing.assert_array_equal(y, np.where(x + noise >= 0, 1.0, -1.0))
+    call = lambda v: q(v, training=True)  # noqa: E731
+    if mode != "eager":
+        call = tf.function(call, jit_compile=mode == "jit")
+    y = ops.convert_to_numpy(call(tf.constant(x)))
+    seed = ops.convert_to_numpy(keras.random.SeedGenerator(13).next())
+    noise = _counter_uniform_reference(x.size, seed).reshape(x.shape)
+    np.testing.assert_array_equal(y, np.where(x + noise.astype("float32") >= 0, 1.0, -1.0))
+
+
+@pytest.mark.tf_only
+def test_counter_noise_is_uniform_and_independent_across_elements_and_steps():
+    """24-bit uniforms on ``[−1, 1)``: Kolmogorov–Smirnov against U[−1, 1), no correlation
+    between neighbouring elements, between consecutive seeds (the generator's next draw)
+    or between seeds differing in their first word; equal to the NumPy transcription."""
+    from scipy import stats
+
+    from kquant.noise import counter_uniform
+
+    shape, n = (256, 256), 256 * 256
+    draw = lambda seed: ops.convert_to_numpy(  # noqa: E731
+        counter_uniform(shape, np.array(seed, "int32"), -1.0, 1.0, "float32")).ravel()
+    u = draw([7, 100])
+    np.testing.assert_array_equal(u, _counter_uniform_reference(n, [7, 100]).astype("float32"))
+    assert u.min() >= -1.0 and u.max() < 1.0
+    assert stats.kstest(u, stats.uniform(loc=-1, scale=2).cdf).pvalue > 1e-4
+    band = 5.0 / np.sqrt(n)   # 5σ for the correlation of independent samples
+    assert abs(np.corrcoef(u[:-1], u[1:])[0, 1]) < band
+    # neighbours jointly uniform: χ² of (u_i, u_i+1) on a 16×16 grid (255 dof)
+    pairs, _, _ = np.histogram2d(u[:-1:2], u[1::2], bins=16, range=[[-1, 1], [-1, 1]])
+    assert stats.chisquare(pairs.ravel()).pvalue > 1e-4
+    for other in ([7, 101], [8, 100], [-7, 100]):
+        v = draw(other)
+        assert abs(np.corrcoef(u, v)[0, 1]) < band, other
+        assert np.mean(u == v) < 1e-3, other
