@@ -194,7 +194,7 @@ def test_new_quantizers_fit_under_jit_save_load_and_continue(tmp_path):
         keras.layers.Dense(1, activation="sigmoid"),
     ])
     model.compile(keras.optimizers.Adam(0.02), "binary_crossentropy", jit_compile=jit)
-    loss = model.fit(x, y, epochs=8, batch_size=32, verbose=0).history["loss"]
+    loss = model.fit(x, y, epochs=20, batch_size=32, verbose=0).history["loss"]
     assert loss[-1] < loss[0]
     path = tmp_path / "m.keras"
     model.save(path)
