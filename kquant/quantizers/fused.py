@@ -27,18 +27,23 @@ def scaled_staircase(x, slope, staircase, training, stats=None):
     """``a·staircase(x/d)`` and its estimator's gradient ``a·F'(s)·g/d``.
 
     ``stats(x) -> (a, d)`` (tensors broadcasting against ``x``; ``d`` may be ``None``
-    for 1) runs inside the forward half; ``None``: ``a = d = 1``."""
+    for 1) runs inside the forward half; ``None``: ``a = d = 1``. ``x/d`` is taken as
+    ``x·(1/d)``: XLA recomputes a product in every loop that reads it, while a quotient
+    (an "expensive" op to it) read by the statistics and the staircase is stored and
+    read back — TWN's Dense 2048 train step 1.24× → 1.14× float under XLA (2-core
+    CPU). The quantizers' ``pre`` use the same form, so trained and deployed values
+    agree (it may differ from ``x/d`` by an ulp: a level flip only on a boundary)."""
 
     def forward(x):
         if stats is None:
             return staircase.hard(x)
         a, d = stats(x)
-        z = x if d is None else x / d
+        z = x if d is None else x * (1.0 / d)   # see `scaled_staircase`
         return (staircase.hard(z) * a, a) if d is None else (staircase.hard(z) * a, a, d)
 
     def backward(g, x, *consts):
         a, d = (consts + (None, None))[:2]
-        g = apply_slope(g, slope, lambda: staircase.distance(x if d is None else x / d))
+        g = apply_slope(g, slope, lambda: staircase.distance(x if d is None else x * (1.0 / d)))
         if a is not None:
             g = g * (a if d is None else a / d)
         return g

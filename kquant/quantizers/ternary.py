@@ -100,7 +100,7 @@ class TWN(_Ternary):
         w = ops.stop_gradient(x)
         delta = self.threshold_factor * ops.mean(ops.abs(w), axis=axes, keepdims=True)
         delta = ops.maximum(delta, 1e-12)
-        z = x / (2.0 * delta)
+        z = x * (1.0 / (2.0 * delta))   # as `scaled_staircase`: a product, not a quotient
         kept = ops.cast(ops.abs(self.staircase.hard(ops.stop_gradient(z))) > 0, w.dtype)
         count = ops.sum(kept, axis=axes, keepdims=True)
         alpha = ops.sum(ops.abs(w) * kept, axis=axes, keepdims=True) / ops.maximum(count, 1.0)
@@ -108,7 +108,7 @@ class TWN(_Ternary):
 
     def statistics(self, x, axes):
         d = 2.0 * ops.maximum(self.threshold_factor * mean_abs(x, axes), 1e-12)
-        kept = ops.cast(ops.abs(self.staircase.hard(x / d)) > 0, x.dtype)
+        kept = ops.cast(ops.abs(self.staircase.hard(x * (1.0 / d))) > 0, x.dtype)
         return masked_mean(ops.abs(x), kept, axes), d
 
     def get_config(self):
@@ -127,7 +127,7 @@ class BitNet(_Ternary):
 
     def pre(self, x, training=None):
         gamma = ops.stop_gradient(ops.mean(ops.abs(x), axis=self._axes(x), keepdims=True))
-        return x / (gamma + self.epsilon), {"scale": gamma}
+        return x * (1.0 / (gamma + self.epsilon)), {"scale": gamma}
 
     def statistics(self, x, axes):
         gamma = mean_abs(x, axes)

@@ -121,7 +121,7 @@ class Uniform(Quantizer):
 
     def pre(self, x, training=None):
         step = self._step(x, training)
-        return (x - self.offset) / step, {"step": step}
+        return (x - self.offset) * (1.0 / step), {"step": step}   # as `fused`
 
     def post(self, q, params):
         return q * params["step"] + self.offset
@@ -130,14 +130,18 @@ class Uniform(Quantizer):
         """Value and gradient in one custom-gradient function: ``z = (x − m)/Δ``,
         ``q = ⌊clip(z)⌉``, ``g_z = F'(s)·Δ·g``::
 
-            ∂ℓ/∂x = g_z/Δ,   ∂ℓ/∂Δ = Σ (g·q − g_z·z/Δ)   (summed over what shares Δ)."""
+            ∂ℓ/∂x = g_z/Δ,   ∂ℓ/∂Δ = Σ (g·q − g_z·z/Δ)   (summed over what shares Δ).
+
+        Quotients by Δ are taken as products with ``1/Δ`` (here and in ``pre``): XLA
+        recomputes a product in each loop that reads it instead of storing it
+        (:func:`~kquant.quantizers.fused.scaled_staircase`)."""
         if not self._fusable(Uniform) or type(self)._step is not Uniform._step:
             return None
         step = self._step(x, training)
         st, offset = self.staircase, self.offset
 
         def levels(x, step):
-            z = (x - offset if offset else x) / step
+            z = (x - offset if offset else x) * (1.0 / step)
             return z, st.hard(z)
 
         def forward(x, step):
@@ -147,7 +151,8 @@ class Uniform(Quantizer):
         def backward(g, x, step):  # z, q recomputed: one fused pass instead of saved tensors
             z, q = levels(x, step)
             g_z = apply_slope(g * step, slope, lambda: st.distance(z))
-            return g_z / step, sum_to(g * q - g_z * z / step, step)
+            inverse = 1.0 / step
+            return g_z * inverse, sum_to(g * q - g_z * z * inverse, step)
 
         return with_parameter(forward, backward, x, step, training)
 
