@@ -30,9 +30,10 @@ def scaled_staircase(x, slope, staircase, training, stats=None):
     for 1) runs inside the forward half; ``None``: ``a = d = 1``. ``x/d`` is taken as
     ``x·(1/d)``: XLA recomputes a product in every loop that reads it, while a quotient
     (an "expensive" op to it) read by the statistics and the staircase is stored and
-    read back — TWN's Dense 2048 train step 1.24× → 1.14× float under XLA (2-core
-    CPU). The quantizers' ``pre`` use the same form, so trained and deployed values
-    agree (it may differ from ``x/d`` by an ulp: a level flip only on a boundary)."""
+    read back (TWN's Dense 2048 train step, 60 interleaved steps on 2 CPU cores: 1.20×
+    → 1.18× float with XLA, 1.42× → 1.31× without). The quantizers' ``pre`` use the
+    same form, so trained and deployed values agree (it may differ from ``x/d`` by an
+    ulp: a level flip only on a boundary)."""
 
     def forward(x):
         if stats is None:
