@@ -42,7 +42,7 @@ def uniform_source(shape, minval, maxval, dtype, seed_generator):
     import tensorflow as tf
 
     seed = seed_generator.next()
-    if seed.dtype != tf.int32:  # as keras.random: stateless ops take int32 seeds under XLA
+    if seed.dtype != tf.int32:  # the hash keys on the pair's two 32-bit words
         seed = tf.cast(tf.math.floormod(seed, tf.int32.max - 1), tf.int32)
     return seed, lambda source: counter_uniform(shape, source, minval, maxval, dtype)
 

@@ -72,3 +72,36 @@ def test_new_quantizers_under_mirrored_strategy():
 @pytest.mark.skipif(keras.backend.backend() != "jax", reason="runs on the JAX pass")
 def test_new_quantizers_under_jax_data_parallel():
     _check(run_replicated(_SCRIPT, "data_parallel"))
+
+
+_SAME_NOISE = r"""
+import json, numpy as np, tensorflow as tf, kquant
+
+w = np.random.default_rng(0).uniform(-1.2, 1.2, (64, 32)).astype("float32")
+q1 = kquant.quantizer("stochastic_sign", seed=3)
+q1.build(w.shape)
+one = [np.asarray(q1(tf.constant(w), training=True)) for _ in range(2)]
+with REPLICAS():
+    q2 = kquant.quantizer("stochastic_sign", seed=3)
+    q2.build(w.shape)
+step = tf.function(lambda: q2(tf.constant(w), training=True))
+draws = [[np.asarray(v) for v in STRATEGY.experimental_local_results(STRATEGY.run(step))]
+         for _ in range(2)]
+print("JSON" + json.dumps({
+    "replicas_agree": all(np.array_equal(d[0], d[i]) for d in draws for i in range(len(d))),
+    "equal_one_device": all(np.array_equal(d[0], o) for d, o in zip(draws, one)),
+    "fresh_per_step": not np.array_equal(draws[0][0], draws[1][0]),
+    "n": len(draws[0]),
+}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.tf_only
+def test_stochastic_noise_is_the_same_on_every_mirrored_replica():
+    """A mirrored kernel is quantized alike on every replica: each replica's counter
+    noise (``kquant.noise``, TensorFlow ops under a strategy) comes from the one mirrored
+    seed state, equals the one-device draw step by step, and is fresh each step."""
+    out = json_result(run_replicated(_SAME_NOISE, "mirrored"))
+    assert out == {"replicas_agree": True, "equal_one_device": True, "fresh_per_step": True,
+                   "n": 2}, out
