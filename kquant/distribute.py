@@ -26,6 +26,7 @@ import keras
 from keras import ops
 
 from kquant.reductions import total_sum
+from kquant.xla import in_xla
 
 
 def _tf_replica_context():
@@ -81,12 +82,31 @@ def summed_gradient_replicas() -> int:
     return int(tf.distribute.get_strategy().num_replicas_in_sync)
 
 
-def global_sum_and_count(x, axis=None):
-    """``(Σ x, number of elements)`` over ``axis`` of the global batch, in ``x``'s dtype."""
+def global_sum_and_count(x, axis=None, map=None, skip=None):
+    """``(Σ map(x), number of elements)`` over ``axis`` of the global batch, in ``x``'s dtype.
+
+    ``map``: an element-wise function applied first (default: none). ``skip``: a
+    scalar bool tensor; where it is true the sum is 0, and in a TensorFlow graph
+    outside XLA neither ``map(x)`` nor its local sum is computed (a statistic needed
+    only until it is stored then costs no pass over ``x`` afterwards; see
+    :func:`_unless`). The all-reduce runs either way, outside any branch:
+    ``tf.distribute`` cannot synchronise replicas inside one.
+    """
     x = ops.convert_to_tensor(x)
-    total = total_sum(x) if axis is None else ops.sum(x, axis=axis)
     rank = len(x.shape)
-    axes = range(rank) if axis is None else ([axis] if isinstance(axis, int) else axis)
+    axes = list(range(rank)) if axis is None else ([axis] if isinstance(axis, int) else list(axis))
+    axes = [a % rank for a in axes]
+
+    def local_sum(one=None):
+        y = x if one is None else x * one
+        y = y if map is None else map(y)
+        return total_sum(y) if axis is None else ops.sum(y, axis=axis)
+
+    kept = [d for i, d in enumerate(x.shape) if i not in axes]
+    if skip is None or any(d is None for d in kept):
+        total = local_sum()
+    else:
+        total = _unless(skip, ops.zeros(kept, x.dtype), local_sum)
     count = ops.cast(1, x.dtype)
     shape = ops.shape(x)
     for a in axes:
@@ -98,13 +118,33 @@ def global_sum_and_count(x, axis=None):
     return total, count
 
 
-def global_mean(x, axis=None):
-    """Mean of ``x`` over ``axis`` of the *global* batch, identical on every replica.
+def _unless(skip, zeros, compute):
+    """``compute(one)`` where the scalar bool ``skip`` is false, else ``zeros`` (its
+    shape and dtype). Backend seam: in a TensorFlow graph outside XLA nothing is
+    computed when skipped (a loop run 0 or 1 times whose body gets ``one``, its counter
+    + 1 = 1; Dense 2048 learned-step train step 1.74 → 1.61× float); elsewhere the
+    result is computed and masked: XLA turns a conditional of element-wise ops and
+    reductions into a select of both anyway (and a loop measured no faster on CPU),
+    and a branch on a GPU would wait for the predicate on the host."""
+    if keras.backend.backend() != "tensorflow" or in_xla():
+        return ops.where(skip, zeros, compute(None))
+    trips = 1 - ops.cast(skip, "int32")
+
+    def body(i, _):
+        return i + 1, compute(ops.cast(i + 1, zeros.dtype))
+
+    return ops.while_loop(lambda i, _: i < trips, body, (ops.zeros((), "int32"), zeros),
+                          maximum_iterations=1)[1]
+
+
+def global_mean(x, axis=None, map=None, skip=None):
+    """Mean of ``map(x)`` over ``axis`` of the *global* batch, identical on every replica.
 
     ``Σ_r Σ x_r / Σ_r n_r`` (an all-reduce of the sums and counts on TF
-    ``tf.distribute``; the plain mean elsewhere).
+    ``tf.distribute``; the plain mean elsewhere). ``map`` and ``skip``: as in
+    :func:`global_sum_and_count` (a skipped mean is 0).
     """
-    total, count = global_sum_and_count(x, axis)
+    total, count = global_sum_and_count(x, axis, map=map, skip=skip)
     return total / count
 
 

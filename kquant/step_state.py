@@ -59,6 +59,11 @@ def commit(outputs, variables, values):
     return identity(outputs, *old, *new)
 
 
+def is_initialized(initialized):
+    """Scalar bool: the 0/1 statistic ``initialized`` of :func:`initialize_once` is set."""
+    return ops.stop_gradient(ops.convert_to_tensor(initialized)) > 0
+
+
 def initialize_once(initialized, pairs, training=None, valid=None):
     """Data-initialised state, stored from the first *finite* training step applied.
 
@@ -76,7 +81,7 @@ def initialize_once(initialized, pairs, training=None, valid=None):
     an inference call leaves the state as it was. No Python branching on
     tensors: works under ``jit_compile``, ``tf.distribute`` and JAX tracing.
     """
-    done = ops.stop_gradient(ops.convert_to_tensor(initialized)) > 0
+    done = is_initialized(initialized)
     stored = [ops.stop_gradient(ops.convert_to_tensor(v)) for v, _ in pairs]
     values = [ops.stop_gradient(ops.where(done, ops.cast(old, e.dtype), e))
               for old, (_, e) in zip(stored, pairs)]

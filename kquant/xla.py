@@ -86,3 +86,17 @@ def _xla_function(fn):
     import tensorflow as tf
 
     return tf.function(fn, jit_compile=True, autograph=False)
+
+
+def variadic_sum(tensors, axis):
+    """Backend seam: ``[Σ_axis t for t in tensors]`` (tensors of one shape and dtype) as
+    one XLA reduce, one pass over all of them. TensorFlow's XLA only: call it where
+    :func:`in_xla` holds on TensorFlow."""
+    import tensorflow as tf
+    from tensorflow.compiler.tf2xla.python import xla
+
+    n, dtype = len(tensors), tensors[0].dtype
+    spec = tf.TensorSpec((), dtype)
+    add = tf.function(lambda *a: tuple(a[i] + a[n + i] for i in range(n)), autograph=False)
+    return list(xla.variadic_reduce(list(tensors), [tf.zeros((), dtype)] * n, [axis],
+                                    add.get_concrete_function(*[spec] * (2 * n))))

@@ -171,10 +171,29 @@ def test_overhead_variants_build_the_quantizers_they_name():
     assert overhead.twin("float_control") == "float" and "float_control" not in overhead.INNER
 
 
+@pytest.mark.parametrize("name", benchmarks.names())
+def test_every_benchmark_declares_exactly_the_options_it_reads(name):
+    """``OPTIONS`` lists each ``-o`` key the module reads (``cfg.option("k")``,
+    ``option_names(cfg, "k")``, ``timing_steps(cfg)``) and nothing else, so the CLI
+    refuses exactly the keys that would be ignored."""
+    import inspect
+    import re
+
+    module = benchmarks.load(name)
+    source = inspect.getsource(module)
+    read = set(re.findall(r'cfg\.option\(\s*"(\w+)"', source))
+    read |= set(re.findall(r'option_names\(\s*cfg,\s*"(\w+)"', source))
+    if re.search(r"\btiming_steps\(cfg\)", source):
+        read.add("timing_steps")
+    assert set(module.OPTIONS) == read, name
+    assert set(benchmarks.options(name)) == read | set(benchmarks.COMMON_OPTIONS)
+
+
 # -- harness CLI ----------------------------------------------------------------
-def _fake_benchmark(name, run):
+def _fake_benchmark(name, run, options=None):
     module = types.ModuleType(f"kquant.benchmarks.{name}")
     module.run = run
+    module.OPTIONS = options or {}
     return module
 
 
@@ -197,7 +216,9 @@ def fake_suite(monkeypatch):
 
     fakes = {"echo": echo, "missing": missing, "broken": broken}
     for name, fn in fakes.items():
-        monkeypatch.setitem(sys.modules, f"kquant.benchmarks.{name}", _fake_benchmark(name, fn))
+        options = {"bits": "bits", "tag": "a tag"} if name == "echo" else {}
+        monkeypatch.setitem(sys.modules, f"kquant.benchmarks.{name}",
+                            _fake_benchmark(name, fn, options))
     monkeypatch.setattr(benchmarks, "names", lambda: sorted(fakes))
     return fakes
 
@@ -232,6 +253,11 @@ def test_cli_rejects_bad_input_naming_the_argument(fake_suite, tmp_path):
     assert out.exit_code == 2 and "NAME" in out.output and "unknown benchmark" in out.output
     out = runner.invoke(bench_main, ["echo", "-o", "novalue", "--out-dir", str(tmp_path)])
     assert out.exit_code == 2 and "--option" in out.output and "KEY=VALUE" in out.output
+    out = runner.invoke(bench_main, ["echo", "-o", "bitz=2", "--out-dir", str(tmp_path)])
+    assert out.exit_code == 2 and "--option" in out.output and "'bitz'" in out.output
+    assert "bits (bits)" in out.output and not (tmp_path / "echo").exists()  # refused up front
+    out = runner.invoke(bench_main, ["all", "-o", "bits=2", "--out-dir", str(tmp_path)])
+    assert out.exit_code == 1 and "echo: ok" in out.output   # known to one of `all`: taken
     out = runner.invoke(bench_main, ["echo", "--strategy", "bogus"])
     assert out.exit_code == 2 and "--strategy" in out.output
     wrong = "data_parallel" if BACKEND == "tensorflow" else "mirrored"

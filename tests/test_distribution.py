@@ -156,9 +156,75 @@ def test_global_mean_is_the_plain_mean_on_one_device():
     assert distribute.num_replicas_in_sync() == 1
 
 
+@pytest.mark.core
+@pytest.mark.parametrize("compiled", [False, True])
+def test_global_sum_skip_returns_zeros_and_otherwise_the_mapped_sum(compiled):
+    """``global_sum_and_count(x, axis, map, skip)``: ``Σ map(x)`` when ``skip`` is false,
+    zeros of the reduced shape when true (the count either way), eager and compiled."""
+    from keras import ops
+
+    x = np.random.default_rng(1).normal(size=(6, 5)).astype("float32")
+
+    def sums(x, skip):
+        whole = distribute.global_sum_and_count(x, map=ops.abs, skip=skip)
+        rows = distribute.global_sum_and_count(x, axis=0, map=lambda v: v * v, skip=skip)
+        return whole[0], whole[1], rows[0], rows[1]
+
+    fn = sums
+    if compiled and BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        fn = tf.function(sums, jit_compile=True)
+    elif compiled and BACKEND == "jax":
+        import jax
+
+        fn = jax.jit(sums)
+    elif compiled:
+        pytest.skip("torch: no compiled form to test here")
+    for skip in (False, True):
+        total, count, rows, rows_count = (ops.convert_to_numpy(v) for v in fn(
+            ops.convert_to_tensor(x), ops.convert_to_tensor(skip)))
+        np.testing.assert_allclose(total, 0.0 if skip else np.abs(x).sum(), rtol=1e-5)
+        np.testing.assert_allclose(rows, np.zeros(5) if skip else (x * x).sum(0), rtol=1e-5)
+        assert rows.shape == (5,) and float(count) == 30 and float(rows_count) == 6
+
+
+@pytest.mark.tf_only
+def test_skipped_global_sum_never_runs_its_map_in_tensorflow_outside_xla():
+    """Where TensorFlow runs ops outside XLA a skipped sum does not compute ``map(x)``:
+    eagerly the map is not called; in a graph it is traced once but, skipped, never
+    executed. (Elsewhere it is computed and masked: see ``distribute._unless``.)"""
+    import tensorflow as tf
+    from keras import ops
+
+    calls = []
+
+    def counted(v):
+        calls.append(1)
+        return ops.abs(v)
+
+    x = ops.convert_to_tensor(np.ones((4, 3), "float32"))
+    distribute.global_sum_and_count(x, map=counted, skip=ops.convert_to_tensor(True))
+    assert calls == []
+    distribute.global_sum_and_count(x, map=counted, skip=ops.convert_to_tensor(False))
+    assert calls == [1]
+    ran = tf.Variable(0)
+
+    def executed(v):   # counts executions, not traces
+        ran.assign_add(1)
+        return ops.abs(v)
+
+    graph = tf.function(lambda x, skip: distribute.global_sum_and_count(
+        x, map=executed, skip=skip)[0])
+    for skip in (True, True, False):
+        graph(x, tf.constant(skip))
+    assert int(ran.numpy()) == 1
+
+
 @pytest.mark.tf_only
 def test_global_mean_reduces_unequal_replica_slices():
-    """Mirrored on 2 CPUs, slices of 3 and 1 rows: the mean of all 4 rows on both."""
+    """Mirrored on 2 CPUs, slices of 3 and 1 rows: the mean of all 4 rows on both (and,
+    with ``skip``, 0 on both: the skipped sums are still all-reduced, in a graph)."""
     out = run_on_two_cpus("""
         import numpy as np, tensorflow as tf
         from kquant import distribute
@@ -170,6 +236,11 @@ def test_global_mean_reduces_unequal_replica_slices():
                     args=(values,))
         means = [float(t.numpy()[0]) for t in s.experimental_local_results(res[0])]
         assert means == [4.0, 4.0], means
+        for skip, want in ((False, 4.0), (True, 0.0)):   # the all-reduce outside the skip's loop
+            got = s.run(tf.function(lambda x: distribute.global_mean(
+                x, axis=0, map=tf.abs, skip=tf.constant(skip))), args=(values,))
+            got = [float(t.numpy()[0]) for t in s.experimental_local_results(got)]
+            assert got == [want, want], (skip, got)
         print("OK")
     """, timeout=300)
     assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]

@@ -56,6 +56,34 @@ def test_total_sum_and_max_equal_numpy(shape, mode):
     np.testing.assert_allclose(total, x.astype("float64").sum(), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_total_sums_equal_numpy(shape, mode):
+    """``total_sums(a, b, c)``: each sum (one variadic reduce where TF's XLA folds)."""
+    rng = np.random.default_rng(len(shape) + 3)
+    xs = [rng.normal(size=shape).astype("float32") for _ in range(3)]
+    xs[2] = (np.abs(xs[2]) > 0.5).astype("float32")                 # a 0/1 mask: a count
+    got = _run(lambda a, b, c: reductions.total_sums(a, b, c), mode)(
+        *(ops.convert_to_tensor(x) for x in xs))
+    assert len(got) == 3
+    for g, x in zip(got, xs):
+        np.testing.assert_allclose(ops.convert_to_numpy(g), x.astype("float64").sum(),
+                                   rtol=1e-5, atol=1e-5)
+    assert float(ops.convert_to_numpy(got[2])) == xs[2].sum()        # counts exact
+
+
+@pytest.mark.tf_only
+def test_total_sums_are_one_reduce_under_tensorflow_xla():
+    """Under TF's XLA the folded tensors of ``total_sums`` are read by one (variadic) reduce."""
+    import tensorflow as tf
+
+    x = tf.ones((64, 48))
+    hlo = tf.function(lambda a, b: reductions.total_sums(a, b), jit_compile=True
+                      ).experimental_get_compiler_ir(x, x)(stage="hlo")
+    big = [line for line in hlo.splitlines() if " reduce(" in line and "[8,384]" in line]
+    assert len(big) == 1 and ") reduce(" in big[0], big
+
+
 def test_fold_only_where_tensorflow_xla_compiles():
     seen = []
 

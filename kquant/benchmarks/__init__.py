@@ -54,6 +54,30 @@ def is_missing_plugin(error: BaseException) -> bool:
     return isinstance(error, (MissingPlugin, UnknownNameError, ModuleNotFoundError))
 
 
+# ``-o`` settings every benchmark takes (read by the harness, not by ``run``)
+COMMON_OPTIONS = {"tpu": "TPU address for --strategy tpu (else $TPU_NAME, else local)"}
+
+
+def options(name: str) -> dict[str, str]:
+    """The ``-o KEY=VALUE`` settings benchmark ``name`` reads (its module's ``OPTIONS``,
+    setting → one-line help) and those every benchmark takes."""
+    return {**COMMON_OPTIONS, **getattr(load(name), "OPTIONS", {})}
+
+
+def check_options(chosen, given) -> None:
+    """Refuse, before anything runs, an ``-o`` key that none of the ``chosen`` benchmarks
+    reads (a typo would otherwise train for minutes on the defaults)."""
+    known = {}
+    for name in chosen:
+        known.update(options(name))
+    unknown = [key for key in given if key not in known]
+    if unknown:
+        names = ", ".join(chosen)
+        raise ValueError(
+            f"unknown option(s) {', '.join(repr(k) for k in unknown)} for {names}; "
+            f"it takes: {', '.join(f'{k} ({v})' for k, v in sorted(known.items()))}.")
+
+
 def run_benchmark(name: str, cfg: BenchConfig, command: str | None = None):
     """Run one benchmark inside the configured strategy and write its results.
 
@@ -69,5 +93,5 @@ def run_benchmark(name: str, cfg: BenchConfig, command: str | None = None):
     return result, folder
 
 
-__all__ = ["BenchConfig", "MissingPlugin", "Result", "is_missing_plugin", "load", "names",
-           "run_benchmark"]
+__all__ = ["BenchConfig", "COMMON_OPTIONS", "MissingPlugin", "Result", "check_options",
+           "is_missing_plugin", "load", "names", "options", "run_benchmark"]

@@ -81,10 +81,15 @@ def main(names, dataset, data_dir, epochs, batch_size, strategy, quick, tiny, se
         common.check_out_dir(out_dir)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="'--out-dir'") from None
+    parsed = _parse_options(options)
+    try:
+        benchmarks.check_options(chosen, parsed)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="'-o' / '--option'") from None
     cfg = common.BenchConfig(
         dataset=dataset, data_dir=data_dir, epochs=epochs, batch_size=batch_size, quick=quick,
         tiny=tiny, seed=seed, strategy=strategy, out_dir=out_dir, max_train=max_train,
-        options=_parse_options(options),
+        options=parsed,
     )
     status = {}
     for name in chosen:

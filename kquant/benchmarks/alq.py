@@ -29,6 +29,13 @@ from kquant.alq.storage import plot_bitwidths
 from kquant.benchmarks.common import (BenchConfig, Result, compare_step_times, compile_classifier,
                                       jit_compile_allowed, load_data, set_seed, timing_steps)
 
+# the -o KEY=VALUE settings this benchmark reads (others are refused)
+OPTIONS = {
+    "train": "train the ALQ rows (false: timing only)",
+    "timing": "time the bases step against Adam (false: skip)",
+    "timing_steps": "timed steps per model",
+}
+
 
 def _groups(layer):
     return "kernel" if isinstance(layer, layers.Conv2D) else "channel"

@@ -18,6 +18,12 @@ import time
 
 from kquant.benchmarks.common import Result
 
+# the -o KEY=VALUE settings this benchmark reads (others are refused)
+OPTIONS = {
+    "runs": "start-up runs per command",
+    "estimators": "also time `kquant estimators` (imports Keras)",
+}
+
 HEAVY = ("keras", "tensorflow", "jax", "torch")
 
 COMMANDS = {

@@ -38,6 +38,11 @@ import numpy as np
 
 from kquant.benchmarks.common import Result, require, set_seed
 
+# the -o KEY=VALUE settings this benchmark reads (others are refused)
+OPTIONS = {
+    "rounds": "timed inference rounds per runtime",
+}
+
 XNOR_SIZES = {"tiny": [(256, 256)], "quick": [(256, 256), (1024, 1024), (4096, 4096)],
               "full": [(256, 256), (1024, 1024), (4096, 4096), (8192, 8192)]}
 XNOR_CONV_SIZES = {"tiny": [(8, 64, 64)], "quick": [(16, 64, 64), (8, 256, 256)],

@@ -43,6 +43,21 @@ from kquant.benchmarks.common import (
     timing_steps,
 )
 
+# the -o KEY=VALUE settings this benchmark reads (others are refused)
+OPTIONS = {
+    "model": "network: small_convnet or chollet",
+    "quantizer": "kernel quantizer name",
+    "bits": "kernel bits",
+    "optimizer": "adam or sgd",
+    "lr": "learning rate",
+    "meta_lr": "MetaQuant meta-network learning rate",
+    "ewgs_every": "EWGS δ refresh period (iterations)",
+    "skip_last": "keep the last layer float",
+    "eager": "run eagerly",
+    "estimators": "estimators to train (list or a,b)",
+    "timing_steps": "timed steps per model",
+}
+
 COLUMNS = ["estimator", "package", "training", "test_acc", "test_loss", "train_acc", "train_loss",
            "loss_before", "acc_vs_ste", "step_ms", "time_vs_float", "time_vs_ste", "status"]
 

@@ -28,6 +28,9 @@ from kquant.benchmarks.common import (
     set_seed,
 )
 
+# the -o KEY=VALUE settings this benchmark reads (others are refused)
+OPTIONS = {}
+
 
 def _model(x_shape, num_classes, bits, width, make_estimator):
     from kquant_ewgs import EWGSConv2D, EWGSQuantizer

@@ -26,6 +26,9 @@ from kquant.benchmarks.common import (
     set_seed,
 )
 
+# the -o KEY=VALUE settings this benchmark reads (others are refused)
+OPTIONS = {}
+
 
 def _models(x_shape, num_classes, bits, width):
     import kquant

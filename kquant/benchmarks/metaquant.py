@@ -38,6 +38,20 @@ from kquant.benchmarks.common import (
     timing_steps,
 )
 
+# the -o KEY=VALUE settings this benchmark reads (others are refused)
+OPTIONS = {
+    "model": "network",
+    "quantizers": "kernel quantizers (list or a,b)",
+    "optimizers": "optimizers (list or a,b)",
+    "variants": "meta-network variants (list or a,b)",
+    "bits": "kernel bits",
+    "hidden": "meta-network hidden size",
+    "lr": "learning rate (else the table's)",
+    "meta_lr": "meta-network learning rate",
+    "eager": "run eagerly",
+    "timing_steps": "timed steps per model",
+}
+
 #: Learning rate per (quantizer, optimizer) where the STE baseline needs another than
 #: the default 1e-3 to train at the quick scale (8 epochs of digits): BWN + SGD reached
 #: 0.34 test accuracy at 1e-3 and 0.82 at 1e-2 (0.67 after 40 epochs at 1e-3). Every

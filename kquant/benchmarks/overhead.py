@@ -51,6 +51,15 @@ from kquant.benchmarks.common import (
     timing_steps,
 )
 
+# the -o KEY=VALUE settings this benchmark reads (others are refused)
+OPTIONS = {
+    "jit": "auto, on, off or both",
+    "variants": "variants to time (list or a,b)",
+    "larq": "also time Larq's layers where importable",
+    "eager": "run eagerly",
+    "timing_steps": "timed steps per model",
+}
+
 # (input features, units) for Dense; (height = width, channels in = out) for Conv2D
 SIZES = {
     "tiny": {"dense": [(32, 32)], "conv2d": [(8, 4)]},

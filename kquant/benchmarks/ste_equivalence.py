@@ -54,6 +54,9 @@ import kquant
 from kquant.benchmarks.common import BenchConfig, Result, compile_classifier, load_data, set_seed
 from kquant import analysis
 
+# the -o KEY=VALUE settings this benchmark reads (others are refused)
+OPTIONS = {}
+
 NAME = "ste_equivalence"
 HTGE_T = 11.0 / 3.0
 SGD_LR, SGD_MOMENTUM = 1e-3, 0.9

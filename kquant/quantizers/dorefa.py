@@ -11,7 +11,7 @@ from keras import ops
 
 from kquant.quantizers.base import Quantizer, apply_slope, check_bits
 from kquant.quantizers.fused import one_input
-from kquant.reductions import total_max, total_sum
+from kquant.reductions import total_max, total_sums
 from kquant.staircase import Staircase
 
 
@@ -63,9 +63,10 @@ class DoReFa(Quantizer):
             t = ops.tanh(x)
             two_m = 2.0 * ops.maximum(big, 1e-12)
             g_w = k * apply_slope(2.0 * g / k, slope, lambda: st.distance(k * (t / two_m + 0.5)))
-            g_big = ops.where(big >= 1e-12, -2.0 * total_sum(g_w * t) / (two_m * two_m), 0.0)
             ties = ops.cast(ops.abs(t) == big, t.dtype)
-            g_t = g_w / two_m + ops.sign(t) * ties * (g_big / total_sum(ties))
+            pull, count = total_sums(g_w * t, ties)   # one pass
+            g_big = ops.where(big >= 1e-12, -2.0 * pull / (two_m * two_m), 0.0)
+            g_t = g_w / two_m + ops.sign(t) * ties * (g_big / count)
             return g_t * (1.0 - t * t)
 
         return one_input(forward, backward, x, training)

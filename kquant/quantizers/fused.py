@@ -19,7 +19,7 @@ from keras import ops
 
 from kquant.estimators.base import as_tensor
 from kquant.quantizers.base import apply_slope
-from kquant.reductions import _fold_here, total_sum
+from kquant.reductions import _fold_here, total_sum, total_sums
 from kquant.xla import compiled_in_graph
 
 
@@ -93,7 +93,7 @@ def mean_abs(x, axes=None):
 def masked_mean(values, mask, axes=None):
     """``Σ values·mask / max(Σ mask, 1)`` over ``axes`` (``None``: the whole tensor)."""
     if axes is None:
-        total, count = total_sum(values * mask), total_sum(mask)
+        total, count = total_sums(values * mask, mask)   # one pass
     else:
         total = ops.sum(values * mask, axis=axes, keepdims=True)
         count = ops.sum(mask, axis=axes, keepdims=True)

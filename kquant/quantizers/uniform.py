@@ -97,7 +97,10 @@ class Uniform(Quantizer):
             return ops.cast(self.step, x.dtype)
         u = max(self.staircase.hi, 1.0)  # LSQ: Q_P, the largest positive level
         axes = channels.reduced_axes(len(x.shape), self.channel_axes) if self.per_channel else None
-        mean_abs = distribute.global_mean(ops.abs(ops.stop_gradient(x) - self.offset), axis=axes)
+        # estimated only until Δ₀ is stored; afterwards no pass over x (`skip`)
+        mean_abs = distribute.global_mean(
+            ops.stop_gradient(x), axis=axes, map=lambda v: ops.abs(v - self.offset),
+            skip=step_state.is_initialized(self.initialized))
         if self.per_channel:  # a channel without signal (e.g. a dead pixel) takes the tensor's mean
             mean_abs = ops.where(mean_abs > 0, mean_abs, ops.mean(mean_abs))
         estimate = 2.0 * mean_abs / math.sqrt(u)
@@ -152,7 +155,12 @@ class Uniform(Quantizer):
             z, q = levels(x, step)
             g_z = apply_slope(g * step, slope, lambda: st.distance(z))
             inverse = 1.0 / step
-            return g_z * inverse, sum_to(g * q - g_z * z * inverse, step)
+            g_step = sum_to(g * q - g_z * z * inverse, step)
+            # never true (nothing exceeds +inf; NaN neither): x's gradient now reads Σ's
+            # result, so XLA runs the in-place kernel update after the Σ that reads the
+            # kernel instead of copying the kernel first (one pass over it less)
+            inverse = ops.where(g_step > float("inf"), 0.0, inverse)
+            return g_z * inverse, g_step
 
         return with_parameter(forward, backward, x, step, training)
 
