@@ -69,7 +69,8 @@ def total_sums(*xs):
     row; elsewhere :func:`total_sum` of each."""
     xs = [ops.convert_to_tensor(x) for x in xs]
     size = _foldable_size(xs[0])
-    if len(xs) < 2 or size is None:
+    wide = keras.backend.standardize_dtype(xs[0].dtype) in ("float32", "float64")
+    if len(xs) < 2 or size is None or not wide:   # 16-bit: TF's Sum accumulates in float32
         return tuple(total_sum(x) for x in xs)
     rows = variadic_sum([ops.reshape(x, (FOLD, size // FOLD)) for x in xs], axis=0)
     return tuple(total_sum(r) for r in rows)

@@ -82,6 +82,10 @@ def test_total_sums_are_one_reduce_under_tensorflow_xla():
                       ).experimental_get_compiler_ir(x, x)(stage="hlo")
     big = [line for line in hlo.splitlines() if " reduce(" in line and "[8,384]" in line]
     assert len(big) == 1 and ") reduce(" in big[0], big
+    half = tf.cast(x, "bfloat16")   # 16-bit: separate sums, which TF accumulates in float32
+    hlo = tf.function(lambda a, b: reductions.total_sums(a, b), jit_compile=True
+                      ).experimental_get_compiler_ir(half, half)(stage="hlo")
+    assert ") reduce(" not in hlo
 
 
 def test_fold_only_where_tensorflow_xla_compiles():
