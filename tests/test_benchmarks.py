@@ -269,6 +269,21 @@ def test_cli_rejects_bad_input_naming_the_argument(fake_suite, tmp_path):
     assert out.exit_code == 0 and out.output.split() == ["broken", "echo", "missing"]
 
 
+def test_option_check_skips_a_module_that_cannot_load(fake_suite, monkeypatch):
+    """A benchmark that fails to import is reported when run, not by the option check."""
+    real = benchmarks.load
+
+    def load(name):
+        if name == "broken":
+            raise ImportError("no such thing")
+        return real(name)
+
+    monkeypatch.setattr(benchmarks, "load", load)
+    benchmarks.check_options(["echo", "broken"], {"bits": 2, "tpu": "local"})
+    with pytest.raises(ValueError, match="'nope'"):
+        benchmarks.check_options(["echo", "broken"], {"nope": 1})
+
+
 def test_kquant_bench_forwards_from_any_folder(fake_suite, tmp_path, monkeypatch):
     from kquant.bench import bench_command
 

@@ -67,9 +67,12 @@ def options(name: str) -> dict[str, str]:
 def check_options(chosen, given) -> None:
     """Refuse, before anything runs, an ``-o`` key that none of the ``chosen`` benchmarks
     reads (a typo would otherwise train for minutes on the defaults)."""
-    known = {}
+    known = dict(COMMON_OPTIONS)
     for name in chosen:
-        known.update(options(name))
+        try:
+            known.update(options(name))
+        except Exception:  # noqa: BLE001 - a module that cannot load fails (and is reported) when run
+            continue
     unknown = [key for key in given if key not in known]
     if unknown:
         names = ", ".join(chosen)
