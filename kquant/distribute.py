@@ -89,7 +89,7 @@ def global_sum_and_count(x, axis=None, map=None, skip=None):
     scalar bool tensor; where it is true the sum is 0, and in a TensorFlow graph
     outside XLA neither ``map(x)`` nor its local sum is computed (a statistic needed
     only until it is stored then costs no pass over ``x`` afterwards; see
-    :func:`_unless`). The all-reduce runs either way, outside any branch:
+    :func:`unless`). The all-reduce runs either way, outside any branch:
     ``tf.distribute`` cannot synchronise replicas inside one.
     """
     x = ops.convert_to_tensor(x)
@@ -97,16 +97,15 @@ def global_sum_and_count(x, axis=None, map=None, skip=None):
     axes = list(range(rank)) if axis is None else ([axis] if isinstance(axis, int) else list(axis))
     axes = [a % rank for a in axes]
 
-    def local_sum(one=None):
-        y = x if one is None else x * one
-        y = y if map is None else map(y)
+    def local_sum():
+        y = x if map is None else map(x)
         return total_sum(y) if axis is None else ops.sum(y, axis=axis)
 
     kept = [d for i, d in enumerate(x.shape) if i not in axes]
     if skip is None or any(d is None for d in kept):
         total = local_sum()
     else:
-        total = _unless(skip, ops.zeros(kept, x.dtype), local_sum)
+        (total,) = unless(skip, lambda: [local_sum()], [ops.zeros(kept, x.dtype)])
     count = ops.cast(1, x.dtype)
     shape = ops.shape(x)
     for a in axes:
@@ -118,24 +117,27 @@ def global_sum_and_count(x, axis=None, map=None, skip=None):
     return total, count
 
 
-def _unless(skip, zeros, compute):
-    """``compute(one)`` where the scalar bool ``skip`` is false, else ``zeros`` (its
-    shape and dtype). Backend seam: in a TensorFlow graph outside XLA nothing is
-    computed when skipped (a loop run 0 or 1 times whose body gets ``one``, its counter
-    + 1 = 1, so no graph optimizer can hoist the body out of the loop; Dense 2048 2-bit
-    learned-step HTGE train step 1.74 → 1.61× float); elsewhere the
-    result is computed and masked: XLA turns a conditional of element-wise ops and
-    reductions into a select of both anyway (and a loop measured no faster on CPU),
-    and a branch on a GPU would wait for the predicate on the host."""
+def unless(skip, compute, zeros):
+    """``compute()`` (a list of tensors) where the scalar bool ``skip`` is false, else
+    ``zeros`` (a list of the same shapes and dtypes): for a statistic needed only until
+    it is stored. Backend seam: in a TensorFlow graph outside XLA nothing is computed
+    when skipped (a loop run 0 or 1 times; Dense 2048 2-bit learned-step HTGE train
+    step 1.74 → 1.61× float); elsewhere the result is computed and masked: XLA turns
+    a conditional of element-wise ops and reductions into a select of both anyway (and
+    a loop measured no faster on CPU), and a branch on a GPU would wait for the
+    predicate on the host. Keep collectives out of ``compute`` (all-reduce after):
+    ``tf.distribute`` cannot synchronise replicas inside a branch."""
+    zeros = list(zeros)
     if keras.backend.backend() != "tensorflow" or in_xla():
-        return ops.where(skip, zeros, compute(None))
+        return [ops.where(skip, z, v) for z, v in zip(zeros, compute())]
     trips = 1 - ops.cast(skip, "int32")
 
-    def body(i, _):
-        return i + 1, compute(ops.cast(i + 1, zeros.dtype))
+    def body(i, *_):
+        return (i + 1, *compute())
 
-    return ops.while_loop(lambda i, _: i < trips, body, (ops.zeros((), "int32"), zeros),
-                          maximum_iterations=1)[1]
+    out = ops.while_loop(lambda i, *_: i < trips, body, (ops.zeros((), "int32"), *zeros),
+                         maximum_iterations=1)
+    return list(out[1:])
 
 
 def global_mean(x, axis=None, map=None, skip=None):

@@ -193,7 +193,7 @@ def test_global_sum_skip_returns_zeros_and_otherwise_the_mapped_sum(compiled):
 def test_skipped_global_sum_never_runs_its_map_in_tensorflow_outside_xla():
     """Where TensorFlow runs ops outside XLA a skipped sum does not compute ``map(x)``:
     eagerly the map is not called; in a graph it is traced once but, skipped, never
-    executed. (Elsewhere it is computed and masked: see ``distribute._unless``.)"""
+    executed. (Elsewhere it is computed and masked: see ``distribute.unless``.)"""
     import tensorflow as tf
     from keras import ops
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from kquant import step_state
+from kquant import distribute, step_state
 
 
 def replica_mean(x):
@@ -46,9 +46,9 @@ def init_once(variables, moments, num_moments, finish, initialized, training):
     """Values for ``variables`` under the write-once rule, and the commit.
 
     ``moments()`` gives this replica's ``num_moments`` batch statistics
-    (scalars), evaluated only while not yet initialised (inside a ``cond``);
-    they are then averaged across replicas by :func:`replica_mean` (outside the
-    ``cond``: a collective may not sit in a branch) and ``finish(moments)``
+    (scalars), evaluated only while not yet initialised
+    (:func:`kquant.distribute.unless`); they are then averaged across replicas by
+    :func:`replica_mean` (outside that branch: a collective may not sit in one) and ``finish(moments)``
     turns them into the estimates. Returns ``(values, commit)``: the tensors to
     use now (the stored values once initialised, else the estimates; no
     gradient flows into them) and ``commit(outputs)``, the identity on a
@@ -57,15 +57,10 @@ def init_once(variables, moments, num_moments, finish, initialized, training):
     (and ``initialized``) change only when ``training`` is true, not yet
     initialised, every estimate is finite and the optimizer applies the step.
     """
-    done = ops.stop_gradient(ops.convert_to_tensor(initialized)) > 0
-
-    def local():
-        return [ops.cast(m, "float32") for m in moments()]
-
-    def skipped():
-        return [ops.zeros((), "float32") for _ in range(num_moments)]
-
-    reduced = [replica_mean(m) for m in ops.cond(done, skipped, local)]
+    local = distribute.unless(step_state.is_initialized(initialized),
+                              lambda: [ops.cast(m, "float32") for m in moments()],
+                              [ops.zeros((), "float32") for _ in range(num_moments)])
+    reduced = [replica_mean(m) for m in local]
     estimates = [ops.cast(e, v.dtype) for v, e in zip(variables, finish(reduced))]
     return step_state.initialize_once(initialized, list(zip(variables, estimates)),
                                       training=bool(training))
