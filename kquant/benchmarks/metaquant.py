@@ -16,7 +16,9 @@ Options (``-o KEY=VALUE``): ``model`` (default ``small_convnet``),
 (``fcgrad,fcgrad_identity,multifc,multifc_bias,lstmfc``; ``multifc_bias`` is
 MultiFC with FC biases, ``use_bias=True``; ``fcgrad_identity`` FCGrad with
 ``init="identity"``), ``bits`` (1), ``hidden`` (100), ``lr`` (1e-3),
-``meta_lr`` (1e-3), ``timing_steps``. Without ``lr`` each (quantizer, optimizer)
+``meta_lr`` (1e-3), ``jit`` (``on``: every variant, STE included, compiles with
+XLA as MetaQuant does by default, so the times compare one compilation mode; not
+under ``MirroredStrategy``), ``timing_steps``. Without ``lr`` each (quantizer, optimizer)
 cell trains at :data:`LEARNING_RATES` (else 1e-3); the ``lr`` column is read back
 from each trained optimizer. The tiny scale runs DoReFa × Adam with
 STE and MultiFC (hidden 16) for one epoch on 256 digits.
@@ -32,6 +34,7 @@ from kquant.benchmarks.common import (
     Result,
     compare_step_times,
     compile_classifier,
+    jit_compile_allowed,
     load_data,
     require,
     set_seed,
@@ -49,8 +52,11 @@ OPTIONS = {
     "lr": "learning rate (else the table's)",
     "meta_lr": "meta-network learning rate",
     "eager": "run eagerly",
+    "jit": "XLA for every variant: on (default), off or auto (Keras')",
     "timing_steps": "timed steps per model",
 }
+
+JIT_MODES = {"on": True, "off": False, "auto": "auto"}
 
 #: Learning rate per (quantizer, optimizer) where the STE baseline needs another than
 #: the default 1e-3 to train at the quick scale (8 epochs of digits): BWN + SGD reached
@@ -58,8 +64,8 @@ OPTIONS = {
 #: variant of a cell trains at the cell's rate; ``-o lr=...`` sets one rate for all.
 LEARNING_RATES = {("bwn", "sgd"): 1e-2}
 
-COLUMNS = ["quantizer", "optimizer", "variant", "meta_network", "lr", "test_acc", "train_loss",
-           "acc_vs_ste", "step_ms", "time_vs_ste"]
+COLUMNS = ["quantizer", "optimizer", "variant", "meta_network", "jit", "lr", "test_acc",
+           "train_loss", "acc_vs_ste", "step_ms", "time_vs_ste"]
 
 #: variant -> (estimator name, extra estimator config); ``multifc_bias`` is our fix of the
 #: paper's bias-free MultiFC, which cannot descend on signed W̃ (BWN); ``fcgrad_identity``
@@ -134,6 +140,10 @@ def run(cfg):
     meta_lr = float(cfg.option("meta_lr", 1e-3))
     epochs = cfg.epochs_or(quick=8, full=100, tiny=1)
     eager = bool(cfg.option("eager", False))
+    jit = str(cfg.option("jit", "on"))
+    if jit not in JIT_MODES:
+        raise ValueError(f"metaquant: option `jit` takes {', '.join(JIT_MODES)}; got {jit!r}.")
+    compile_kwargs = {"jit_compile": JIT_MODES[jit]} if jit_compile_allowed() and not eager else {}
 
     set_seed(cfg.seed)
     float_model = kquant.models.build(model_name, x.shape[1:], 10)
@@ -145,14 +155,15 @@ def run(cfg):
             for variant in ["ste", *variants]:
                 set_seed(cfg.seed)
                 model = _variant_model(float_model, qname, bits, variant, hidden, meta_lr)
-                compile_classifier(model, _optimizer(opt, lr), run_eagerly=eager)
+                compile_classifier(model, _optimizer(opt, lr), run_eagerly=eager, **compile_kwargs)
+                jit_used = model.jit_compile
                 set_seed(cfg.seed + 1)          # the same shuffling for every variant
                 history = model.fit(x, y, batch_size=cfg.batch_size, epochs=epochs,
                                     shuffle=True, verbose=0)
                 test_loss, test_acc = model.evaluate(xt, yt, batch_size=cfg.batch_size, verbose=0)
                 metrics[variant] = {"lr": float(keras.ops.convert_to_numpy(  # as trained
                                         model.optimizer.learning_rate)),
-                                    "test_acc": float(test_acc),
+                                    "test_acc": float(test_acc), "jit": bool(jit_used),
                                     "train_loss": float(history.history["loss"][-1])}
                 models[variant] = model
             steps = timing_steps(cfg)

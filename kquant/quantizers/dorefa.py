@@ -62,11 +62,13 @@ class DoReFa(Quantizer):
         def backward(g, x, big):  # t recomputed: one fused pass instead of two saved tensors
             t = ops.tanh(x)
             two_m = 2.0 * ops.maximum(big, 1e-12)
-            g_w = k * apply_slope(2.0 * g / k, slope, lambda: st.distance(k * (t / two_m + 0.5)))
+            g_s = apply_slope(g, slope, lambda: st.distance(k * (t / two_m + 0.5)))  # g_w = 2·g_s
             ties = ops.cast(ops.abs(t) == big, t.dtype)
-            pull, count = total_sums(g_w * t, ties)   # one pass
-            g_big = ops.where(big >= 1e-12, -2.0 * pull / (two_m * two_m), 0.0)
-            g_t = g_w / two_m + ops.sign(t) * ties * (g_big / count)
+            # one pass; the constant factors stay outside (a constant inside the sum is a
+            # whole broadcast tensor to JAX's XLA:CPU, written out before its reduction)
+            pull, count = total_sums(g_s * t, ties)
+            g_big = ops.where(big >= 1e-12, -4.0 * pull / (two_m * two_m), 0.0)
+            g_t = g_s * (2.0 / two_m) + ops.sign(t) * ties * (g_big / count)
             return g_t * (1.0 - t * t)
 
         return one_input(forward, backward, x, training)

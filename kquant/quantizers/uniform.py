@@ -133,7 +133,9 @@ class Uniform(Quantizer):
         """Value and gradient in one custom-gradient function: ``z = (x − m)/Δ``,
         ``q = ⌊clip(z)⌉``, ``g_z = F'(s)·Δ·g``::
 
-            ∂ℓ/∂x = g_z/Δ,   ∂ℓ/∂Δ = Σ (g·q − g_z·z/Δ)   (summed over what shares Δ).
+            ∂ℓ/∂x = g_z/Δ = F'(s)·g,   ∂ℓ/∂Δ = Σ (g·q − g_z·z/Δ) = Σ g·(q − F'(s)·z)
+
+        (summed over what shares Δ).
 
         Quotients by Δ are taken as products with ``1/Δ`` (here and in ``pre``): XLA
         recomputes a product in each loop that reads it instead of storing it
@@ -153,14 +155,12 @@ class Uniform(Quantizer):
 
         def backward(g, x, step):  # z, q recomputed: one fused pass instead of saved tensors
             z, q = levels(x, step)
-            g_z = apply_slope(g * step, slope, lambda: st.distance(z))
-            inverse = 1.0 / step
-            g_step = sum_to(g * q - g_z * z * inverse, step)
+            g_s = apply_slope(g, slope, lambda: st.distance(z))   # F'(s)·g = g_z/Δ
+            g_step = sum_to(g * q - g_s * z, step)
             # never true (nothing exceeds +inf; NaN neither): x's gradient now reads Σ's
             # result, so XLA runs the in-place kernel update after the Σ that reads the
             # kernel instead of copying the kernel first (one pass over it less)
-            inverse = ops.where(g_step > float("inf"), 0.0, inverse)
-            return g_z * inverse, g_step
+            return g_s * ops.where(g_step > float("inf"), 0.0, 1.0), g_step
 
         return with_parameter(forward, backward, x, step, training)
 

@@ -119,6 +119,7 @@ def test_delta_update_refuses_non_finite_reference_data():
 
 
 # -- the distribution matrix ---------------------------------------------------------
+KINDS = ("ewgs", "wcg", "multifc", "lstmfc")   # every plugin is installed where this runs
 _MATRIX = """
 import importlib.util, numpy as np, keras, kquant
 
@@ -132,11 +133,12 @@ def build(kind):
     elif kind == "wcg":
         body = [kquant.QuantDense(16, kernel_quantizer=kquant.quantizer("dorefa", bits=2, estimator="wcg")),
                 L.ReLU(), kquant.QuantDense(10, kernel_quantizer=kquant.quantizer("bwn", estimator="wcg"))]
-    else:
-        body = [kquant.QuantDense(16, kernel_quantizer=kquant.quantizer("bwn", estimator="multifc")),
-                L.ReLU(), kquant.QuantDense(10, kernel_quantizer=kquant.quantizer("bwn", estimator="multifc"))]
+    else:   # MetaQuant: MultiFC, and LSTMFC with its per-coordinate states
+        est = lambda: kind if kind == "multifc" else {"name": "lstmfc", "config": {"hidden": 4}}
+        body = [kquant.QuantDense(16, kernel_quantizer=kquant.quantizer("bwn", estimator=est())),
+                L.ReLU(), kquant.QuantDense(10, kernel_quantizer=kquant.quantizer("bwn", estimator=est()))]
     m = keras.Sequential([keras.Input((8, 8, 1)), L.Flatten(), L.Dense(16, activation="relu"), *body])
-    if kind == "multifc":
+    if kind in ("multifc", "lstmfc"):
         import kquant_metaquant
         m = kquant_metaquant.MetaQuant(m)
     return m
@@ -159,7 +161,8 @@ def train(kind, start=None):
 
 (X, Y), _ = kquant.datasets.load("digits")
 X, Y = X[:128], Y[:128]
-for kind, module in (("ewgs", "kquant_ewgs"), ("wcg", "kquant_maniquant"), ("multifc", "kquant_metaquant")):
+for kind, module in (("ewgs", "kquant_ewgs"), ("wcg", "kquant_maniquant"), ("multifc", "kquant_metaquant"),
+                     ("lstmfc", "kquant_metaquant")):
     if importlib.util.find_spec(module) is None:
         print("SKIP", kind); continue
     with ONE():
@@ -177,11 +180,11 @@ for kind, module in (("ewgs", "kquant_ewgs"), ("wcg", "kquant_maniquant"), ("mul
 @pytest.mark.tf_only
 def test_matrix_mirrored_strategy_equals_one_device():
     out = run_replicated(_MATRIX, "mirrored")
-    assert out.returncode == 0 and "OK ewgs" in out.stdout, out.stdout + out.stderr[-4000:]
+    assert out.returncode == 0 and all(f"OK {k}" in out.stdout for k in KINDS), out.stdout + out.stderr[-4000:]
 
 
 @pytest.mark.distributed
 @pytest.mark.skipif(BACKEND != "jax", reason="the JAX DataParallel entry runs with the JAX suite")
 def test_matrix_jax_data_parallel_equals_one_device():
     out = run_replicated(_MATRIX, "data_parallel")
-    assert out.returncode == 0 and "OK ewgs" in out.stdout, out.stdout + out.stderr[-4000:]
+    assert out.returncode == 0 and all(f"OK {k}" in out.stdout for k in KINDS), out.stdout + out.stderr[-4000:]

@@ -387,6 +387,110 @@ def test_benchmark_rows_train_the_labelled_meta_network(tmp_path):
     assert bench.VARIANTS["multifc"] == ("multifc", {})   # the paper's bias-free stack
     assert rows["multifc_bias"]["meta_network"] == (
         "MultiFCNetwork(hidden=16, layers=2, use_bias=True, init=random)")
-    # every variant of the cell trained at the cell's learning rate
+    # every variant of the cell trained at the cell's learning rate, and compiled alike
     assert rows["ste"]["lr"] == rows["multifc_bias"]["lr"] == pytest.approx(
         bench.LEARNING_RATES[("bwn", "sgd")])
+    assert rows["ste"]["jit"] is rows["multifc_bias"]["jit"] is True
+
+
+# -- where users run it: XLA, restarts, bad batches -------------------------------------
+def _lstmfc(hidden=4):
+    return kmq.MetaQuant(_model({"name": "lstmfc", "config": {"hidden": hidden}}))
+
+
+def _values(model):
+    return [np.array(keras.ops.convert_to_numpy(v)) for v in model.weights]
+
+
+def _fit_steps(model, x, y, steps, start=0):
+    return [float(model.train_on_batch(x[16 * i:16 * i + 16], y[16 * i:16 * i + 16]))
+            for i in range(start, start + steps)]
+
+
+@needs_train_step
+def test_jit_compiled_step_follows_the_uncompiled_one():
+    """The whole late update (optimizer π, φ's Adam, LSTM states) under XLA."""
+    x, y = _data()
+    runs = {}
+    for jit in (False, True):
+        model = _lstmfc()
+        model.compile(optimizer=keras.optimizers.Adam(0.01), loss=LOSS, jit_compile=jit)
+        runs[jit] = (_fit_steps(model, x, y, 5), _values(model))
+    np.testing.assert_allclose(runs[True][0], runs[False][0], rtol=1e-5)
+    for a, b in zip(runs[True][1], runs[False][1]):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    assert int(runs[True][1][[v.path for v in model.weights].index(model.meta_step.path)]) == 5
+
+
+@needs_train_step
+def test_save_load_continue_equals_an_uninterrupted_run(tmp_path):
+    """φ, its Adam moments, the LSTM states, the pending gradients, the step counter and
+    the model optimizer's state all restore: training goes on exactly as without a stop."""
+    x, y = _data()
+    whole = _lstmfc()
+    whole.compile(optimizer=keras.optimizers.Adam(0.01), loss=LOSS)
+    whole_losses = _fit_steps(whole, x, y, 5)
+
+    first = _lstmfc()
+    first.compile(optimizer=keras.optimizers.Adam(0.01), loss=LOSS)
+    losses = _fit_steps(first, x, y, 3)
+    first.save(tmp_path / "meta.keras")
+    resumed = keras.models.load_model(tmp_path / "meta.keras")
+    losses += _fit_steps(resumed, x, y, 2, start=3)
+    np.testing.assert_allclose(losses, whole_losses, rtol=1e-6)
+    assert [v.shape for v in resumed.weights] == [v.shape for v in whole.weights]
+    for v, a, b in zip(whole.weights, _values(resumed), _values(whole)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7, err_msg=v.path)
+    for a, b in zip(resumed.optimizer.variables, whole.optimizer.variables):
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b),
+                                   rtol=1e-6, atol=1e-7)
+
+
+@needs_train_step
+@pytest.mark.parametrize("jit", [False, True])
+@pytest.mark.parametrize("bad", ["sample_weight", "input"])
+def test_a_non_finite_batch_is_a_step_that_never_happened(jit, bad):
+    """A NaN sample weight (the loss and every gradient NaN) or a NaN input (the
+    first kernel's gradient NaN; a ReLU may hide it from the loss): nothing is written
+    (weights, φ, its moments, LSTM states, pending gradients, the optimizer's state),
+    and the next batches train exactly as if the bad one had not been seen."""
+    x, y = _data()
+    clean = _lstmfc()
+    clean.compile(optimizer=keras.optimizers.Adam(0.01), loss=LOSS, jit_compile=jit)
+    clean_losses = _fit_steps(clean, x, y, 4)
+
+    model = _lstmfc()
+    model.compile(optimizer=keras.optimizers.Adam(0.01), loss=LOSS, jit_compile=jit)
+    losses = _fit_steps(model, x, y, 2)
+    before = _values(model) + [keras.ops.convert_to_numpy(v) for v in model.optimizer.variables]
+    xb, weights = x[32:48].copy(), np.ones(16, "float32")
+    if bad == "input":
+        xb[3, 2] = np.nan
+    else:
+        weights[3] = np.nan
+    loss = float(model.train_on_batch(xb, y[32:48], sample_weight=weights))
+    assert bad == "input" or not np.isfinite(loss)
+    after = _values(model) + [keras.ops.convert_to_numpy(v) for v in model.optimizer.variables]
+    for a, b in zip(after, before):
+        np.testing.assert_array_equal(a, b)
+    losses += _fit_steps(model, x, y, 2, start=2)
+    np.testing.assert_allclose(losses, clean_losses, rtol=1e-6)
+    for a, b in zip(_values(model), _values(clean)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.tf_only
+def test_auto_compiles_with_xla_on_tensorflow_but_not_under_a_strategy_or_eagerly():
+    import tensorflow as tf
+
+    model = _lstmfc()
+    model.compile(optimizer="adam", loss=LOSS)
+    assert model.jit_compile is True
+    model.compile(optimizer="adam", loss=LOSS, run_eagerly=True)
+    assert model.jit_compile is False
+    model.compile(optimizer="adam", loss=LOSS, jit_compile=False)
+    assert model.jit_compile is False
+    with tf.distribute.OneDeviceStrategy("/cpu:0").scope():
+        scoped = _lstmfc()
+        scoped.compile(optimizer="adam", loss=LOSS)
+    assert scoped.jit_compile is False    # Keras' "auto" on a CPU-only TensorFlow
