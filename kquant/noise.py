@@ -20,11 +20,18 @@ took 1.87 s with ``auto_select``, 16 ms with Philox, 9.9 ms with ThreeFry (TF
 2.21, 2 cores). A stochastic-sign Dense 2048 train step with ThreeFry was 1.34×
 its float twin; with this hash 1.07× (sign's 1.07×); hashing twice (``H(H(i ⊕
 a) ⊕ b)``) 1.22×: the draw is bound by its integer multiplies.
-Other backends: the source is ``keras.random.uniform``'s draw itself (JAX's
-ThreeFry is plain HLO that XLA fuses; torch has no XLA).
+JAX: the same counter hash in ``jax.numpy`` (uint32 arithmetic wraps), keyed on the
+generator's uint32 pair. ``keras.random.uniform`` there is ThreeFry drawn as the
+source, outside the quantizer's fused half, so the whole 2048×2048 tensor was
+written out and read back: a stochastic-sign Dense 2048 step measured 3.3× its float
+twin on 2 CPU cores (JAX 0.10); with the hash fused into its consumer, as on
+TensorFlow, about sign's 1.07×. Torch (no XLA): the source is ``keras.random.uniform``'s
+draw itself.
 """
 
 from __future__ import annotations
+
+import math
 
 import keras
 
@@ -35,7 +42,11 @@ GOLDEN = 0x9E3779B9
 
 def uniform_source(shape, minval, maxval, dtype, seed_generator):
     """``(source, sample)``: ``sample(source)`` is ``U[minval, maxval)`` noise of ``shape``."""
-    if keras.backend.backend() != "tensorflow":
+    backend = keras.backend.backend()
+    if backend == "jax":
+        return seed_generator.next(), lambda source: counter_uniform(shape, source, minval,
+                                                                     maxval, dtype)
+    if backend != "tensorflow":
         noise = keras.random.uniform(shape, minval=minval, maxval=maxval, dtype=dtype,
                                      seed=seed_generator)
         return noise, lambda source: source
@@ -48,8 +59,11 @@ def uniform_source(shape, minval, maxval, dtype, seed_generator):
 
 
 def counter_uniform(shape, seed, minval, maxval, dtype):
-    """TensorFlow: ``U[minval, maxval)`` of ``shape`` from the int32 pair ``seed`` by the
-    counter hash of the module docstring (a pure function of ``seed`` and the index)."""
+    """``U[minval, maxval)`` of ``shape`` from the 32-bit pair ``seed`` (int32 or uint32
+    words) by the counter hash of the module docstring (a pure function of ``seed`` and
+    the index; the same values on TensorFlow and JAX for the same words)."""
+    if keras.backend.backend() == "jax":
+        return _counter_uniform_jax(shape, seed, minval, maxval, dtype)
     import tensorflow as tf
 
     def word(value):
@@ -67,3 +81,23 @@ def counter_uniform(shape, seed, minval, maxval, dtype):
     bits = mix(tf.bitwise.bitwise_xor(index, a))
     unit = tf.cast(tf.bitwise.right_shift(bits, word(8)), tf.float32) * (2.0 ** -24)
     return tf.cast(minval + (maxval - minval) * unit, dtype)
+
+
+def _counter_uniform_jax(shape, seed, minval, maxval, dtype):
+    import jax.numpy as jnp
+    from jax import lax
+
+    def mix(x):  # lowbias32
+        x = (x ^ (x >> 16)) * jnp.uint32(LOWBIAS32[0])
+        x = (x ^ (x >> 15)) * jnp.uint32(LOWBIAS32[1])
+        return x ^ (x >> 16)
+
+    seed = jnp.asarray(seed)
+    key = lax.bitcast_convert_type(seed.astype(jnp.int32), jnp.uint32) \
+        if seed.dtype != jnp.uint32 else seed
+    a = mix(mix(key[0]) ^ mix(key[1] ^ jnp.uint32(GOLDEN)))
+    shape = tuple(int(d) for d in shape)
+    index = lax.iota(jnp.uint32, math.prod(shape)).reshape(shape)
+    bits = mix(index ^ a)
+    unit = (bits >> 8).astype(jnp.float32) * (2.0 ** -24)
+    return (minval + (maxval - minval) * unit).astype(dtype)

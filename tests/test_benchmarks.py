@@ -479,3 +479,16 @@ def test_results_are_written_and_the_missing_plot_is_named_without_matplotlib(tm
 
     out = CliRunner().invoke(kquant_main, ["plot", "estimators", "-o", str(tmp_path / "figs")])
     assert out.exit_code == 1 and "pip install 'kquant[plots]'" in out.output
+
+
+@pytest.mark.core
+def test_recorded_command_names_a_non_default_backend(monkeypatch):
+    import keras
+
+    from kquant.benchmarks.common import format_command
+
+    monkeypatch.setattr(keras.backend, "backend", lambda: "tensorflow")
+    assert format_command(["overhead", "--quick"]) == "python -m benchmarks overhead --quick"
+    monkeypatch.setattr(keras.backend, "backend", lambda: "jax")
+    assert format_command(["overhead", "-o", "timing_steps=60"]) == (
+        "KERAS_BACKEND=jax python -m benchmarks overhead -o timing_steps=60")

@@ -1,5 +1,6 @@
 """Stochastic binarization (BinaryConnect): sampling law, deterministic inference, gradient."""
 
+import keras
 import numpy as np
 import pytest
 from keras import ops
@@ -94,27 +95,42 @@ def _counter_uniform_reference(n, seed):
     return (bits >> np.uint32(8)).astype(np.float64) * 2.0**-23 - 1.0
 
 
-@pytest.mark.tf_only
-@pytest.mark.parametrize("mode", ["eager", "graph", "jit"])
-def test_tensorflow_noise_is_one_counter_stream_eagerly_in_graphs_and_under_xla(mode):
-    """The fused draw is the counter hash of ``kquant.noise`` in every mode: the same
-    sample eagerly, in a graph (its halves XLA-compiled) and under ``jit_compile``."""
-    import keras
-    import tensorflow as tf
+COUNTER_BACKENDS = ("tensorflow", "jax")   # torch draws keras.random.uniform (no XLA to fuse)
+counter_hash = pytest.mark.skipif(keras.backend.backend() not in COUNTER_BACKENDS,
+                                  reason="the counter hash runs on TensorFlow and JAX")
 
+
+@counter_hash
+@pytest.mark.parametrize("mode", ["eager", "graph", "jit"])
+def test_noise_is_one_counter_stream_eagerly_in_graphs_and_under_xla(mode):
+    """The fused draw is the counter hash of ``kquant.noise`` in every mode: the same
+    sample eagerly, in a TensorFlow graph (its halves XLA-compiled) and under
+    ``jit_compile`` / ``jax.jit``."""
+    backend = keras.backend.backend()
+    if mode == "graph" and backend != "tensorflow":
+        pytest.skip("graphs are TensorFlow's")
     x = (np.random.default_rng(2).uniform(-1.2, 1.2, size=(64, 33))).astype("float32")
     q = StochasticSign(seed=13)
     q.build(x.shape)
     call = lambda v: q(v, training=True)  # noqa: E731
-    if mode != "eager":
-        call = tf.function(call, jit_compile=mode == "jit")
-    y = ops.convert_to_numpy(call(tf.constant(x)))
+    if backend == "jax" and mode == "jit":
+        import jax
+
+        stateless = lambda v, seed: q.stateless_call([], [seed], v, training=True)  # noqa: E731
+        y, _ = jax.jit(stateless)(x, q.non_trainable_variables[0].value)
+        y = ops.convert_to_numpy(y)
+    elif backend == "tensorflow" and mode != "eager":
+        import tensorflow as tf
+
+        y = ops.convert_to_numpy(tf.function(call, jit_compile=mode == "jit")(tf.constant(x)))
+    else:
+        y = ops.convert_to_numpy(call(x))
     seed = ops.convert_to_numpy(keras.random.SeedGenerator(13).next())
     noise = _counter_uniform_reference(x.size, seed).reshape(x.shape)
     np.testing.assert_array_equal(y, np.where(x + noise.astype("float32") >= 0, 1.0, -1.0))
 
 
-@pytest.mark.tf_only
+@counter_hash
 def test_counter_noise_is_uniform_and_independent_across_elements_and_steps():
     """24-bit uniforms on ``[−1, 1)``: Kolmogorov–Smirnov against U[−1, 1), no correlation
     between neighbouring elements, between consecutive seeds (the generator's next draw)

@@ -110,6 +110,8 @@ def step_time(model, x, y, batch_size, steps=20, warmup=3):
 
 
 def _fmt(v):
+    if v is None:   # not applicable to this row
+        return ""
     if isinstance(v, float):
         if math.isnan(v) or math.isinf(v):
             return str(v)
@@ -521,7 +523,10 @@ def sanity_problems(rows) -> list[str]:
 
 
 def format_command(argv) -> str:
-    """The command line that reproduces a run (for results.md)."""
+    """The command line that reproduces a run (for results.md): with ``KERAS_BACKEND=…``
+    first when the backend is not TensorFlow (the default)."""
     import shlex
 
-    return "python -m benchmarks " + " ".join(shlex.quote(a) for a in argv)
+    backend = keras.backend.backend()
+    prefix = "" if backend == "tensorflow" else f"KERAS_BACKEND={backend} "
+    return prefix + "python -m benchmarks " + " ".join(shlex.quote(a) for a in argv)

@@ -9,7 +9,10 @@ the plain Keras train step, the MetaQuant variants with
 :class:`kquant_metaquant.MetaQuant` (shared meta network, late weight update,
 meta Adam lr 1e-3). The train-step time of each variant is measured
 interleaved with its STE twin in this one process (paper: MultiFC ×1.34 per
-iteration over DoReFa+STE on ResNet).
+iteration over DoReFa+STE on ResNet). ``meta_net_ms`` is the meta network's own
+forward and ``∂/∂φ`` on the model's meta coordinates, timed alone (XLA), and
+``floor_vs_ste`` = (STE step + that) / STE step: the least a step can cost (LSTMFC's
+``[n, h]·[h, 4h]`` products dominate it).
 
 Options (``-o KEY=VALUE``): ``model`` (default ``small_convnet``),
 ``quantizers`` (``dorefa,bwn``), ``optimizers`` (``sgd,adam``), ``variants``
@@ -65,7 +68,7 @@ JIT_MODES = {"on": True, "off": False, "auto": "auto"}
 LEARNING_RATES = {("bwn", "sgd"): 1e-2}
 
 COLUMNS = ["quantizer", "optimizer", "variant", "meta_network", "jit", "lr", "test_acc",
-           "train_loss", "acc_vs_ste", "step_ms", "time_vs_ste"]
+           "train_loss", "acc_vs_ste", "step_ms", "time_vs_ste", "meta_net_ms", "floor_vs_ste"]
 
 #: variant -> (estimator name, extra estimator config); ``multifc_bias`` is our fix of the
 #: paper's bias-free MultiFC, which cannot descend on signed W̃ (BWN); ``fcgrad_identity``
@@ -85,6 +88,19 @@ def describe(model):
         return "+".join(sorted(names))
     return (f"{type(net).__name__}(hidden={net.hidden}, layers={net.num_layers}, "
             f"use_bias={net.use_bias}, init={net.init})")
+
+
+def meta_network_ms(model):
+    """ms of the meta network's own forward and ``∂/∂φ`` on all of ``model``'s meta
+    coordinates (XLA; :func:`kquant_metaquant.cost.meta_network_seconds`), or ``None``."""
+    net = getattr(model, "meta_network", None)
+    if net is None:
+        return None
+    from kquant_metaquant import find_meta_kernels
+    from kquant_metaquant.cost import meta_network_seconds
+
+    n = sum(int(np.prod(k.kernel.shape)) for k in find_meta_kernels(model.model))
+    return 1e3 * meta_network_seconds(net, n)
 
 
 def _list(value):
@@ -170,7 +186,9 @@ def run(cfg):
             # two steps per model per turn: a load change on a shared machine hits all alike
             times = compare_step_times(models, x, y, cfg.batch_size, steps=steps,
                                        rounds=max(1, steps // 2))
+            own = {variant: meta_network_ms(models[variant]) for variant in models}
             for variant in models:
+                ste_ms = 1e3 * times["ste"]
                 rows.append({
                     "quantizer": qname if qname == "bwn" else f"dorefa{bits}",
                     "optimizer": opt, "variant": variant, "meta_network": describe(models[variant]),
@@ -178,6 +196,9 @@ def run(cfg):
                     "acc_vs_ste": metrics[variant]["test_acc"] - metrics["ste"]["test_acc"],
                     "step_ms": 1e3 * times[variant],
                     "time_vs_ste": times[variant] / times["ste"],
+                    # the least a step can cost: STE's step plus the meta network's own work
+                    "meta_net_ms": own[variant],
+                    "floor_vs_ste": None if own[variant] is None else (ste_ms + own[variant]) / ste_ms,
                 })
 
     def plot(path):

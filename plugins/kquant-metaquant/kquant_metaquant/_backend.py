@@ -58,3 +58,14 @@ def replica_sum(tensors):
 
         return list(tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, tensors))
     return tensors
+
+
+def xla(fn):
+    """``fn`` compiled with XLA: ``tf.function(jit_compile=True)`` / ``jax.jit``."""
+    if check_backend() == "tensorflow":
+        import tensorflow as tf
+
+        return tf.function(fn, jit_compile=True)
+    import jax
+
+    return jax.jit(fn)

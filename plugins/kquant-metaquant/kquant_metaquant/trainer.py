@@ -417,9 +417,10 @@ class MetaQuant(keras.Model):
 
         Keras' ``"auto"`` leaves a CPU-only TensorFlow without XLA; the late update is
         many small element-wise ops around two matrix products per meta kernel (LSTMFC),
-        which XLA fuses: on 2 CPU cores an LSTMFC step measured 43 → 35 ms and MultiFC
-        8.8 → 7.7 ms. Not under a ``tf.distribute`` strategy (``MirroredStrategy`` cannot
-        compile with XLA) nor with ``run_eagerly``.
+        which XLA fuses: on 2 CPU cores an LSTMFC step went from 5.9–6.3× to 3.7–3.9× an
+        STE step (``python -m benchmarks metaquant --quick``). Not under a
+        ``tf.distribute`` strategy (``MirroredStrategy`` cannot compile with XLA) nor
+        with ``run_eagerly``.
         """
         if (jit_compile == "auto" and keras.backend.backend() == "tensorflow"
                 and not kwargs.get("run_eagerly") and not _in_strategy(self)):

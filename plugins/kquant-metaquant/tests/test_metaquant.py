@@ -391,6 +391,10 @@ def test_benchmark_rows_train_the_labelled_meta_network(tmp_path):
     assert rows["ste"]["lr"] == rows["multifc_bias"]["lr"] == pytest.approx(
         bench.LEARNING_RATES[("bwn", "sgd")])
     assert rows["ste"]["jit"] is rows["multifc_bias"]["jit"] is True
+    # the floor: STE's step plus the meta network's own work, timed alone
+    assert rows["ste"]["meta_net_ms"] is None and rows["multifc_bias"]["meta_net_ms"] > 0
+    assert rows["multifc_bias"]["floor_vs_ste"] == pytest.approx(
+        1 + rows["multifc_bias"]["meta_net_ms"] / rows["ste"]["step_ms"])
 
 
 # -- where users run it: XLA, restarts, bad batches -------------------------------------
@@ -494,3 +498,13 @@ def test_auto_compiles_with_xla_on_tensorflow_but_not_under_a_strategy_or_eagerl
         scoped = _lstmfc()
         scoped.compile(optimizer="adam", loss=LOSS)
     assert scoped.jit_compile is False    # Keras' "auto" on a CPU-only TensorFlow
+
+
+@needs_train_step
+def test_meta_network_cost_runs_the_network_and_checks_its_size():
+    from kquant_metaquant.cost import meta_network_seconds
+
+    net = kmq.build_meta_network("lstmfc", hidden=4)
+    assert 0 < meta_network_seconds(net, 50, repeats=2) < 60
+    with pytest.raises(ValueError, match="`n` must be a positive integer"):
+        meta_network_seconds(net, 0)

@@ -1,0 +1,51 @@
+"""The meta network's own share of a MetaQuant step: a floor for its cost.
+
+One step evaluates ``M_φ`` on every meta-quantized coordinate and takes ``∂ℓ/∂φ``
+through it. :func:`meta_network_seconds` times just that, XLA-compiled, on ``n``
+random coordinates: for LSTMFC the products ``h_prev·W_hh`` and ``h_prevᵀ·δgates``
+(``[n, h]·[h, 4h]``, ``8h²`` multiply-adds per coordinate) and the ``[n, 4h]``
+element-wise passes between them. A step of the quantized model costs at least its
+STE step plus this.
+"""
+
+from __future__ import annotations
+
+import time
+
+import keras
+import numpy as np
+from keras import ops
+
+from kquant_metaquant._backend import backend_value_and_grad, xla
+
+
+def meta_network_seconds(network, n, repeats=20, seed=0):
+    """Median seconds of ``M_φ``'s forward and ``∂/∂φ`` (XLA) on ``n`` coordinates."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"`n` must be a positive integer, got {n!r}.")
+    rng = np.random.default_rng(seed)
+    grad, soft, up = (ops.convert_to_tensor(rng.normal(size=n).astype("float32")) for _ in range(3))
+    state = tuple(ops.convert_to_tensor(0.1 * rng.normal(size=(n, network.state_width))
+                                        .astype("float32")) for _ in range(network.state_count))
+    weights = list(network.trainable_weights)
+
+    def loss(values):
+        with keras.StatelessScope(state_mapping=list(zip(weights, values))):
+            m, new_state = network.meta_gradient(grad, soft, state)
+        return ops.sum(m * up), new_state
+
+    step = xla(lambda values: backend_value_and_grad(loss, [values]))
+    values = [ops.convert_to_tensor(w) for w in weights]
+
+    def run():
+        (value, _), grads = step(values)
+        return float(ops.convert_to_numpy(value)) + sum(
+            float(ops.convert_to_numpy(ops.sum(g))) for g in grads[0])
+
+    run()   # compile
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
