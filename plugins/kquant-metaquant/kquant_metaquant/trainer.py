@@ -427,6 +427,13 @@ class MetaQuant(keras.Model):
             jit_compile = True
         super().compile(*args, jit_compile=jit_compile, **kwargs)
 
+    def compile_from_config(self, config):
+        """Re-compile a loaded model (Keras' own skips a model whose ``compile`` is custom);
+        the optimizer is built so that its saved state loads next."""
+        self.compile(**keras.saving.deserialize_keras_object(config))
+        if self.built:
+            self.optimizer.build(self.trainable_variables)
+
     # -- backend train steps --------------------------------------------------------
     def train_step(self, *args):
         if keras.backend.backend() == "jax":
