@@ -232,7 +232,9 @@ def test_cli_forwards_every_option_to_the_benchmark(fake_suite, tmp_path):
     assert saved["rows"] == [{"epochs": 3, "batch_size": 16, "seed": 7, "quick": False, "tiny": True,
                               "strategy": "default", "dataset": "digits", "bits": 2, "tag": "abc"}]
     command = saved["meta"]["command"]
-    assert command.startswith("python -m benchmarks echo --tiny")
+    backend = keras.backend.backend()
+    prefix = "" if backend == "tensorflow" else f"KERAS_BACKEND={backend} "
+    assert command.startswith(prefix + "python -m benchmarks echo --tiny")
     assert "--epochs 3" in command and "-o bits=2" in command and str(tmp_path) not in command
     assert command in (tmp_path / "echo" / "results.md").read_text()
 
