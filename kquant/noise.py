@@ -63,41 +63,38 @@ def counter_uniform(shape, seed, minval, maxval, dtype):
     words) by the counter hash of the module docstring (a pure function of ``seed`` and
     the index; the same values on TensorFlow and JAX for the same words)."""
     if keras.backend.backend() == "jax":
-        return _counter_uniform_jax(shape, seed, minval, maxval, dtype)
+        import jax.numpy as jnp
+        from jax import lax
+
+        seed = jnp.asarray(seed)
+        key = seed if seed.dtype == jnp.uint32 else \
+            lax.bitcast_convert_type(seed.astype(jnp.int32), jnp.uint32)
+        shape = tuple(int(d) for d in shape)
+        index = lax.iota(jnp.uint32, math.prod(shape)).reshape(shape)
+        unit = _counter_unit(index, key, jnp.bitwise_xor, lambda x, n: x >> n, jnp.uint32,
+                             lambda x: x.astype(jnp.float32))
+        return (minval + (maxval - minval) * unit).astype(dtype)
     import tensorflow as tf
 
     def word(value):
         return tf.constant(value, tf.uint32)
 
-    def mix(x):  # lowbias32
-        x = tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, word(16))) * word(LOWBIAS32[0])
-        x = tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, word(15))) * word(LOWBIAS32[1])
-        return tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, word(16)))
-
     key = tf.bitcast(tf.cast(seed, tf.int32), tf.uint32)
-    a = mix(tf.bitwise.bitwise_xor(mix(key[0]), mix(tf.bitwise.bitwise_xor(key[1], word(GOLDEN)))))
     shape = tf.convert_to_tensor(shape, tf.int32)
     index = tf.bitcast(tf.reshape(tf.range(tf.reduce_prod(shape)), shape), tf.uint32)
-    bits = mix(tf.bitwise.bitwise_xor(index, a))
-    unit = tf.cast(tf.bitwise.right_shift(bits, word(8)), tf.float32) * (2.0 ** -24)
+    unit = _counter_unit(index, key, tf.bitwise.bitwise_xor,
+                         lambda x, n: tf.bitwise.right_shift(x, word(n)), word,
+                         lambda x: tf.cast(x, tf.float32))
     return tf.cast(minval + (maxval - minval) * unit, dtype)
 
 
-def _counter_uniform_jax(shape, seed, minval, maxval, dtype):
-    import jax.numpy as jnp
-    from jax import lax
-
+def _counter_unit(index, key, xor, shift, word, to_float):
+    """``⌊H(i ⊕ κ)/2⁸⌋·2⁻²⁴ ∈ [0, 1)`` on uint32 words, from a backend's ``xor``, right
+    ``shift``, uint32 constant ``word`` and float32 cast (the one formula both share)."""
     def mix(x):  # lowbias32
-        x = (x ^ (x >> 16)) * jnp.uint32(LOWBIAS32[0])
-        x = (x ^ (x >> 15)) * jnp.uint32(LOWBIAS32[1])
-        return x ^ (x >> 16)
+        x = xor(x, shift(x, 16)) * word(LOWBIAS32[0])
+        x = xor(x, shift(x, 15)) * word(LOWBIAS32[1])
+        return xor(x, shift(x, 16))
 
-    seed = jnp.asarray(seed)
-    key = lax.bitcast_convert_type(seed.astype(jnp.int32), jnp.uint32) \
-        if seed.dtype != jnp.uint32 else seed
-    a = mix(mix(key[0]) ^ mix(key[1] ^ jnp.uint32(GOLDEN)))
-    shape = tuple(int(d) for d in shape)
-    index = lax.iota(jnp.uint32, math.prod(shape)).reshape(shape)
-    bits = mix(index ^ a)
-    unit = (bits >> 8).astype(jnp.float32) * (2.0 ** -24)
-    return (minval + (maxval - minval) * unit).astype(dtype)
+    kappa = mix(xor(mix(key[0]), mix(xor(key[1], word(GOLDEN)))))
+    return to_float(shift(mix(xor(index, kappa)), 8)) * (2.0 ** -24)

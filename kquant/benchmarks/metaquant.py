@@ -187,8 +187,8 @@ def run(cfg):
             times = compare_step_times(models, x, y, cfg.batch_size, steps=steps,
                                        rounds=max(1, steps // 2))
             own = {variant: meta_network_ms(models[variant]) for variant in models}
+            ste_ms = 1e3 * times["ste"]
             for variant in models:
-                ste_ms = 1e3 * times["ste"]
                 rows.append({
                     "quantizer": qname if qname == "bwn" else f"dorefa{bits}",
                     "optimizer": opt, "variant": variant, "meta_network": describe(models[variant]),

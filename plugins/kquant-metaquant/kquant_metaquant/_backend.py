@@ -1,5 +1,6 @@
 """The backend-specific seam of MetaQuant: value and gradient of a pure function,
-and the cross-replica sum of gradients under ``tf.distribute``."""
+the cross-replica sum of gradients under ``tf.distribute``, whether a model trains
+under a strategy, and XLA compilation of a function."""
 
 from __future__ import annotations
 
@@ -47,6 +48,15 @@ def replicas() -> int:
         if tf.distribute.has_strategy() and not tf.distribute.in_cross_replica_context():
             return int(tf.distribute.get_replica_context().num_replicas_in_sync)
     return 1
+
+
+def in_strategy(model) -> bool:
+    """Whether ``model`` trains under a ``tf.distribute`` strategy (``False`` off TensorFlow)."""
+    if keras.backend.backend() != "tensorflow":
+        return False
+    import tensorflow as tf
+
+    return tf.distribute.has_strategy() or getattr(model, "_distribute_strategy", None) is not None
 
 
 def replica_sum(tensors):

@@ -34,13 +34,15 @@ def meta_network_seconds(network, n, repeats=20, seed=0):
             m, new_state = network.meta_gradient(grad, soft, state)
         return ops.sum(m * up), new_state
 
-    step = xla(lambda values: backend_value_and_grad(loss, [values]))
+    def value_and_grads(values):
+        (value, _), grads = backend_value_and_grad(loss, [values])
+        return value + sum(ops.sum(g) for g in grads[0])   # one scalar that waits for all
+
+    step = xla(value_and_grads)
     values = [ops.convert_to_tensor(w) for w in weights]
 
     def run():
-        (value, _), grads = step(values)
-        return float(ops.convert_to_numpy(value)) + sum(
-            float(ops.convert_to_numpy(ops.sum(g))) for g in grads[0])
+        return float(ops.convert_to_numpy(step(values)))
 
     run()   # compile
     times = []

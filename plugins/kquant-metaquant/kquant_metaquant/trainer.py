@@ -27,7 +27,8 @@ Step 0 has no ``g_Ŵ`` yet: it only records gradients and updates nothing. A bat
 whose gradients are not all finite leaves every variable as it was (see ``late_update``).
 The whole step is a pure function of the variable values (``stateless_call``,
 ``optimizer.stateless_apply``), so it runs unchanged on TensorFlow and JAX;
-the only backend-specific piece is :func:`~kquant_metaquant._backend.backend_value_and_grad`.
+the backend-specific pieces are in :mod:`kquant_metaquant._backend` (chiefly
+:func:`~kquant_metaquant._backend.backend_value_and_grad`).
 The stored variables always hold the weights used by the last forward pass;
 the last recorded gradients are applied by the next step.
 """
@@ -40,7 +41,14 @@ import warnings
 import keras
 from keras import ops
 
-from kquant_metaquant._backend import backend_value_and_grad, check_backend, replica_sum, replicas
+from kquant.distribute import all_finite
+from kquant_metaquant._backend import (
+    backend_value_and_grad,
+    check_backend,
+    in_strategy,
+    replica_sum,
+    replicas,
+)
 from kquant_metaquant.calibration import meta_view
 from kquant_metaquant.estimators import MetaQuantEstimator
 from kquant_metaquant.meta_networks import MetaNetwork, build_meta_network
@@ -85,16 +93,9 @@ def _finite(x):
     return ops.where(ops.isfinite(x), x, ops.zeros_like(x))
 
 
-def _in_strategy(model) -> bool:
-    """Whether ``model`` trains under a ``tf.distribute`` strategy (TensorFlow)."""
-    import tensorflow as tf
-
-    return tf.distribute.has_strategy() or getattr(model, "_distribute_strategy", None) is not None
-
-
 def _all_finite(tensors):
     """Whether every element of every tensor is finite (a boolean scalar)."""
-    flags = [ops.all(ops.isfinite(t)) for t in tensors]
+    flags = [all_finite(t) for t in tensors]
     return ops.all(ops.stack(flags)) if flags else ops.convert_to_tensor(True)
 
 
@@ -423,7 +424,7 @@ class MetaQuant(keras.Model):
         with ``run_eagerly``.
         """
         if (jit_compile == "auto" and keras.backend.backend() == "tensorflow"
-                and not kwargs.get("run_eagerly") and not _in_strategy(self)):
+                and not kwargs.get("run_eagerly") and not in_strategy(self)):
             jit_compile = True
         super().compile(*args, jit_compile=jit_compile, **kwargs)
 
