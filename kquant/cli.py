@@ -225,10 +225,15 @@ def _key_values(ctx, param, values):
                    "adam. bop trains the binary kernels, Adam(--lr) the other variables.")
 @click.option("--optimizer-option", "optimizer_options", multiple=True, metavar="KEY=VALUE",
               callback=_key_values, help="Optimizer argument, repeatable (e.g. gamma=1e-3).")
+@click.option("--jit-compile", type=click.Choice(["auto", "on", "off"]), default="auto",
+              show_default=True,
+              help="XLA for the train step. auto is Keras': on with JAX and on a TensorFlow "
+                   "that sees a GPU, off on a CPU-only TensorFlow, where `on` fuses each "
+                   "quantizer into the step.")
 def fit(dataset, data_dir, download, image_size, model_name, kernel_quantizer, bits, estimator,
         input_quantizer, input_bits, epochs, batch_size, learning_rate, seed, float_baseline,
         skip_first, skip_last, save, export, quiet, as_json, optimizer=None,
-        optimizer_options=None, tensorboard_dir=None):
+        optimizer_options=None, tensorboard_dir=None, jit_compile="auto"):
     """Train a quantized model and print its accuracy and summary."""
     check_output_path(save, ".keras", "--save")
     check_output_path(export, ".npz", "--export")
@@ -252,6 +257,7 @@ def fit(dataset, data_dir, download, image_size, model_name, kernel_quantizer, b
                 data_dir=data_dir, float_baseline=float_baseline, skip_first=skip_first,
                 skip_last=skip_last, download=download, image_size=(image_size, image_size),
                 optimizer=optimizer, optimizer_options=optimizer_options,
+                jit_compile={"on": True, "off": False}.get(jit_compile, "auto"),
                 callbacks=_tensorboard_callbacks(tensorboard_dir),
                 verbose=progress_verbose(quiet) if not as_json else (0 if quiet else 2),
             )
@@ -263,6 +269,7 @@ def fit(dataset, data_dir, download, image_size, model_name, kernel_quantizer, b
         echo_json({
             "test_accuracy": result.test_accuracy, "test_loss": result.test_loss,
             "float_accuracy": result.float_accuracy, "history": result.history,
+            "jit_compile": bool(result.model.jit_compile),
             "summary": info.to_dict(), **files,
         })
         return

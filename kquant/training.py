@@ -18,6 +18,7 @@ from kquant.callbacks import (
 from kquant.convert import quantize_model
 from kquant.estimators.ede import EDE
 from kquant.optimizers.skip_non_finite import SkipNonFinite
+from kquant.validation import check_jit_compile
 
 
 @dataclasses.dataclass
@@ -54,15 +55,19 @@ def check_positive(**values):
             raise ValueError(f"`{name}` must be a finite number > 0, got {value!r}.")
 
 
-def compile_model(model, learning_rate=1e-3, optimizer=None, optimizer_options=None):
+def compile_model(model, learning_rate=1e-3, optimizer=None, optimizer_options=None,
+                  jit_compile="auto"):
     """Compile for training; ``optimizer`` is a name for :func:`kquant.optimizers.for_training`
-    (default Adam), always guarded by ``SkipNonFinite``."""
+    (default Adam), always guarded by ``SkipNonFinite``. ``jit_compile``: Keras' (``"auto"``
+    is XLA on JAX and on a TensorFlow that sees a GPU, not on a CPU-only TensorFlow, where
+    ``True`` fuses each quantizer into the step: see the overhead benchmark)."""
     from kquant.optimizers import for_training
 
     model.compile(
         optimizer=for_training(optimizer, learning_rate, **(optimizer_options or {})),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
+        jit_compile=check_jit_compile(jit_compile),
     )
     return model
 
@@ -71,7 +76,7 @@ def fit(dataset="digits", model="small_convnet", kernel_quantizer="bwn", bits=No
         input_quantizer=None, input_bits=None, estimator=None, epochs=10, batch_size=64,
         learning_rate=1e-3, seed=0, data_dir=None, float_baseline=False, skip_first=False,
         skip_last=False, verbose=1, callbacks=(), download=False, image_size=(32, 32),
-        optimizer=None, optimizer_options=None):
+        optimizer=None, optimizer_options=None, jit_compile="auto"):
     """Train a quantized twin of a reference model; return :class:`FitResult`.
 
     ``dataset`` is a name of :data:`kquant.datasets.NAMES`, a ``.npz`` file or
@@ -79,6 +84,7 @@ def fit(dataset="digits", model="small_convnet", kernel_quantizer="bwn", bits=No
     (``kquant fit`` uses 2, one line per epoch, when stdout is not a TTY).
     """
     check_positive(learning_rate=learning_rate)
+    check_jit_compile(jit_compile)
     if optimizer is not None:  # an unknown name or a bad option fails before the data loads
         from kquant.optimizers import for_training
 
@@ -90,7 +96,7 @@ def fit(dataset="digits", model="small_convnet", kernel_quantizer="bwn", bits=No
     if float_baseline:
         keras.utils.set_random_seed(seed)
         fm = compile_model(models.build(model, x.shape[1:], num_classes), learning_rate,
-                           optimizer, optimizer_options)
+                           optimizer, optimizer_options, jit_compile)
         fm.fit(x, y, epochs=epochs, batch_size=batch_size, verbose=verbose)
         float_accuracy = float(fm.evaluate(xt, yt, verbose=0)[1])
     keras.utils.set_random_seed(seed)
@@ -100,7 +106,7 @@ def fit(dataset="digits", model="small_convnet", kernel_quantizer="bwn", bits=No
     qm = compile_model(
         quantize_model(base, kernel_quantizer=kq, input_quantizer=iq,
                        skip_first=skip_first, skip_last=skip_last),
-        learning_rate, optimizer, optimizer_options,
+        learning_rate, optimizer, optimizer_options, jit_compile,
     )
     # kquant's callbacks first, so their log entries reach a user's TensorBoard callback
     cbs = []

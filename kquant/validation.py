@@ -65,4 +65,12 @@ def check_choice(value, argument: str, choices) -> str:
     return value
 
 
-__all__ = ["check_bool", "check_choice", "check_number"]
+def check_jit_compile(value, argument: str = "jit_compile"):
+    """``value`` if Keras' ``compile`` takes it as ``jit_compile`` (``"auto"``, ``True``,
+    ``False``; not ``1``), else ``ValueError`` naming ``argument``."""
+    if not (value == "auto" if isinstance(value, str) else isinstance(value, (bool, np.bool_))):
+        raise ValueError(f"`{argument}` must be 'auto', True or False, got {value!r}.")
+    return value if isinstance(value, str) else bool(value)
+
+
+__all__ = ["check_bool", "check_choice", "check_jit_compile", "check_number"]

@@ -84,3 +84,5 @@ def test_resume_without_saved_state_is_refused():
         fit_pipeline(_model(), x, y, initial_epoch=ROUND_1_EPOCHS, **KW)
     with pytest.raises(ValueError, match="initial_epoch"):
         fit_pipeline(_model(), x, y, initial_epoch=-1, **KW)
+    with pytest.raises(ValueError, match="`jit_compile` must be 'auto', True or False, got 1"):
+        fit_pipeline(_model(), x, y, **{**KW, "jit_compile": 1})

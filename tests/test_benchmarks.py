@@ -134,6 +134,7 @@ def test_overhead_variants_build_the_quantizers_they_name():
     estimators, and the trainable input scale exactly for the rows timed as an inner layer."""
     from kquant import quantizers
     from kquant.benchmarks import overhead
+    from kquant.benchmarks._floors import CostFloor
     from kquant.estimators.htge import HTGE
     from kquant.estimators.ste import STE, ClippedSTE
 
@@ -148,6 +149,8 @@ def test_overhead_variants_build_the_quantizers_they_name():
         "bitnet_w": ((quantizers.BitNet, 2, STE), None),
         "stochastic_sign_w": ((quantizers.StochasticSign, 1, STE), None),
         "pact4_a": (None, (quantizers.PACT, 4, ClippedSTE)),
+        "floor_pass_w": ((CostFloor, 32, STE), None),
+        "floor_tanh_w": ((CostFloor, 32, STE), None),
     }
     assert set(overhead.VARIANTS) == set(expected)
     for kind, size in (("dense", (8, 4)), ("conv2d", (6, 3))):
@@ -167,6 +170,8 @@ def test_overhead_variants_build_the_quantizers_they_name():
                 assert type(q.estimator) is estimator, (name, attr, q.estimator)
             if name == "uniform2_w_htge":
                 assert layer.kernel_quantizer.step is None  # learned step
+            if name.startswith("floor_"):
+                assert layer.kernel_quantizer.kind == name.split("_")[1], name
     assert overhead.twin("pact4_a") == "float_inner" and overhead.twin("twn_w") == "float"
     assert overhead.twin("float_control") == "float" and "float_control" not in overhead.INNER
 

@@ -51,6 +51,7 @@ def no_training(monkeypatch):
     (["--bits", "0"], "--bits", "0"),
     (["--dataset", "nope.npz"], "--dataset", "does not exist"),
     (["--dataset", "imagenet"], "--dataset", "digits"),
+    (["--jit-compile", "yes"], "--jit-compile", "'auto', 'on', 'off'"),
 ])
 def test_fit_rejects_bad_paths_and_numbers_before_training(args, hint, message, no_training,
                                                           tmp_path, monkeypatch):
@@ -96,6 +97,22 @@ def test_a_failure_after_training_saves_to_a_named_fallback(tmp_path, monkeypatc
 
 
 @pytest.mark.core
+@pytest.mark.parametrize("flag, expected", [([], "auto"), (["--jit-compile", "on"], True),
+                                            (["--jit-compile", "off"], False)])
+def test_fit_passes_jit_compile_to_training(flag, expected, monkeypatch):
+    seen = {}
+
+    def fit(**kwargs):
+        seen.update(kwargs)
+        return _tiny_result()
+
+    monkeypatch.setattr(training, "fit", fit)
+    out = CliRunner().invoke(main, ["fit", "--quiet", *flag])
+    assert out.exit_code == 0, out.output
+    assert seen["jit_compile"] is expected if isinstance(expected, bool) else seen["jit_compile"] == expected
+
+
+@pytest.mark.core
 def test_fit_json_is_the_only_thing_on_stdout(tmp_path, monkeypatch):
     monkeypatch.setattr(training, "fit", _tiny_result)
     out = CliRunner().invoke(main, ["fit", "--json", "--save", str(tmp_path / "m.keras"),
@@ -103,6 +120,7 @@ def test_fit_json_is_the_only_thing_on_stdout(tmp_path, monkeypatch):
     assert out.exit_code == 0, out.output
     data = json.loads(out.stdout)
     assert data["test_accuracy"] == 0.5 and data["history"]["flip_ratio"] == [0.1]
+    assert data["jit_compile"] is bool(_tiny_result().model.jit_compile)
     assert data["saved"].endswith("m.keras") and data["exported"].endswith("w.npz")
     assert data["summary"]["total_params"] == 650 and data["summary"]["layers"][0]["kernel_bits"] == 1
     assert (tmp_path / "m.keras").is_file() and (tmp_path / "w.npz").is_file()

@@ -49,6 +49,27 @@ def test_cli_fit_bad_input_fails_clearly(args, message):
     assert out.exit_code != 0 and message in out.output
 
 
+def test_fit_compiles_both_models_as_asked_and_trains_under_xla(monkeypatch):
+    """``jit_compile`` reaches the float twin and the quantized model; on, the quantized
+    model trains under XLA and learns."""
+    import keras
+
+    compiled = []
+    original = keras.Model.compile
+
+    def compile(self, *args, **kwargs):
+        compiled.append(kwargs.get("jit_compile"))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(keras.Model, "compile", compile)
+    result = training.fit(kernel_quantizer="dorefa", bits=2, epochs=2, batch_size=128,
+                          float_baseline=True, verbose=0, jit_compile=True)
+    assert compiled == [True, True] and result.model.jit_compile is True
+    assert result.history["loss"][-1] < result.history["loss"][0]
+    with pytest.raises(ValueError, match="`jit_compile` must be 'auto', True or False"):
+        training.fit(jit_compile="on")
+
+
 def test_digits_loader_shapes():
     (x, y), (xt, yt) = datasets.load("digits")
     assert x.shape[1:] == (8, 8, 1) and x.dtype == np.float32 and 0 <= x.min() <= x.max() <= 1

@@ -9,7 +9,7 @@ from kquant.estimators.htge import DSQ, HTGE
 from kquant.estimators.sign_surrogates import SwishSign
 from kquant.estimators.ste import ClippedSTE
 from kquant.quantizers import BWN, PACT, TWN, BitNet, DoReFa, StochasticSign, Uniform
-from kquant.validation import check_bool, check_choice, check_number
+from kquant.validation import check_bool, check_choice, check_jit_compile, check_number
 
 pytestmark = pytest.mark.core
 
@@ -60,3 +60,11 @@ def test_validators_accept_good_values_and_word_their_errors():
         check_number(1, "alpha", gt=0, lt=1)
     with pytest.raises(ValueError, match=r"`mode` must be one of 'a', 'b', got 'c'"):
         check_choice("c", "mode", ("a", "b"))
+
+
+def test_jit_compile_takes_exactly_what_keras_compile_takes():
+    assert check_jit_compile("auto") == "auto" and check_jit_compile(np.bool_(False)) is False
+    assert check_jit_compile(True) is True
+    for bad in (1, 0, "on", "true", None):
+        with pytest.raises(ValueError, match=r"^`jit_compile` must be 'auto', True or False"):
+            check_jit_compile(bad)

@@ -26,6 +26,7 @@ import keras
 from kquant.alq.layers import alq_layers
 from kquant.alq.optimizer import ALQ
 from kquant.alq.pruning import PruningRun, alq_optimizer, average_bitwidth, sync_training_state
+from kquant.validation import check_jit_compile
 
 
 class ALQSchedule(keras.callbacks.Callback):
@@ -214,8 +215,7 @@ def fit_pipeline(model, x, y=None, *, batch_size=128, validation_data=None, verb
     resumes the plan at that epoch (e.g. after ``keras.models.load_model``).
     """
     schedule = ALQSchedule(verbose=1 if verbose else 0, **schedule_kwargs)
-    if jit_compile not in ("auto", True, False):
-        raise ValueError(f"`jit_compile` must be 'auto', True or False, got {jit_compile!r}.")
+    jit_compile = check_jit_compile(jit_compile)
     if isinstance(initial_epoch, bool) or not isinstance(initial_epoch, int) or \
             not 0 <= initial_epoch <= schedule.total_epochs:
         raise ValueError(f"`initial_epoch` must be an integer in [0, {schedule.total_epochs}], "

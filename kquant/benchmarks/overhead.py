@@ -18,6 +18,11 @@ ratio to the float layer (two steps per model per turn, the median of all):
 * ``uniform2_w_htge``: 2-bit uniform weights with learned step and HTGE;
 * ``bwn_w``, ``twn_w``, ``bitnet_w``, ``stochastic_sign_w``: BWN, TWN, BitNet
   b1.58 and stochastic-sign weights (per tensor, default estimators);
+* ``floor_pass_w``, ``floor_tanh_w``: not quantizers but the cost floors of
+  :mod:`kquant.benchmarks._floors`: the kernel through ``s·W`` (one pass each
+  way: the least any weight quantizer adds) and ``s·tanh W`` with its gradient
+  (the transcendental DoReFa and HTGE evaluate over every weight): a
+  quantizer's row is read against the floor of its formula;
 * ``pact4_a``: PACT 4-bit inputs (learned clip α). α's gradient needs the
   layer's input gradient, which a first layer's float twin never computes, so
   this variant and its twin ``float_inner`` sit behind a trainable scalar input
@@ -29,7 +34,8 @@ Larq's ``QuantDense``/``QuantConv2D`` (``ste_sign`` weights, and weights +
 inputs) and a ``tf_keras`` float layer are timed alongside; otherwise the
 result says so (report, not a requirement).
 Options: ``variants`` (list), ``larq`` (false to skip), ``jit``: ``auto``
-(Keras' default: XLA on TensorFlow and JAX), ``on``, ``off``, or ``both``
+(Keras' default: XLA on JAX, and on TensorFlow only where it sees a GPU: a
+CPU-only TensorFlow trains without it), ``on``, ``off``, or ``both``
 (default on TensorFlow except at the tiny scale): every variant is then timed
 with and without XLA, all interleaved in one run, each ratio against the float
 layer compiled the same way (column ``jit``, the resolved ``model.jit_compile``).
@@ -37,11 +43,13 @@ layer compiled the same way (column ``jit``, the resolved ``model.jit_compile``)
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 
 import keras
 import numpy as np
 
+from kquant.benchmarks._floors import CostFloor
 from kquant.benchmarks.common import (
     Result,
     compare_step_times,
@@ -81,6 +89,8 @@ VARIANTS = {
     "twn_w": {"kernel_quantizer": "twn"},
     "bitnet_w": {"kernel_quantizer": "bitnet"},
     "stochastic_sign_w": {"kernel_quantizer": "stochastic_sign"},
+    "floor_pass_w": {"kernel_quantizer": functools.partial(CostFloor, kind="pass")},
+    "floor_tanh_w": {"kernel_quantizer": functools.partial(CostFloor, kind="tanh")},
     "pact4_a": {"input_quantizer": {"name": "pact", "config": {"bits": 4}}},
     "float_inner": None,
 }
@@ -100,6 +110,8 @@ def _layer(kind, size, quant):
     import kquant
 
     n = size[1]
+    if quant is not None:  # a floor is built fresh for each layer
+        quant = {key: value() if callable(value) else value for key, value in quant.items()}
     if kind == "dense":
         return keras.layers.Dense(n) if quant is None else kquant.QuantDense(n, **quant)
     if quant is None:
