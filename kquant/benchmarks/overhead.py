@@ -98,7 +98,7 @@ VARIANTS = {
 #: variants timed behind a trainable input scale (their layer needs its input gradient)
 INNER = {"pact4_a", "float_inner"}
 
-TINY_VARIANTS = ["float", "sign_wa", "uniform2_w_htge", "pact4_a"]  # smoke-test scale
+TINY_VARIANTS = ["float", "sign_wa", "uniform2_w_htge", "pact4_a", "floor_tanh_w"]  # smoke-test scale
 
 COLUMNS = ["layer", "size", "variant", "jit", "params", "step_ms", "twin", "time_vs_float",
            "time_vs_larq"]
