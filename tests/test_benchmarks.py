@@ -397,6 +397,24 @@ def test_compare_step_times_gives_a_positive_median_per_model():
     assert len(common.timed_fit_steps(models["a"], x, y, 8, 3)) == 3
 
 
+def test_compare_step_times_times_only_the_settled_steps_of_each_turn(monkeypatch):
+    """Each turn runs ``settle`` untimed steps first (slow here: 1 s) and times the rest
+    (1 ms); the first model of a round rotates."""
+    calls = []
+
+    def fake(model, x, y, batch_size, steps):
+        calls.append((model, steps))
+        return [1.0] * min(steps, common.SETTLE_STEPS) + [1e-3] * (steps - common.SETTLE_STEPS)
+
+    monkeypatch.setattr(common, "timed_fit_steps", fake)
+    times = common.compare_step_times({"a": "A", "b": "B"}, None, None, 8, steps=4, warmup=2,
+                                      rounds=2)
+    assert times == {"a": 1e-3, "b": 1e-3}
+    assert calls[:2] == [("A", 2), ("B", 2)]   # warm-up: compilation, not timed
+    turn = common.SETTLE_STEPS + 2
+    assert calls[2:] == [("A", turn), ("B", turn), ("B", turn), ("A", turn)]
+
+
 def test_require_names_the_missing_plugin_and_its_package():
     common.require("ste", "uniform")
     with pytest.raises(common.MissingPlugin, match="'no_such_thing' is not installed"):

@@ -415,6 +415,10 @@ def timing_steps(cfg: BenchConfig) -> int:
     return int(cfg.option("timing_steps", 2 if cfg.tiny else 30 if cfg.quick else 100))
 
 
+#: untimed steps at the start of each model's turn in :func:`compare_step_times`
+SETTLE_STEPS = 3
+
+
 def timed_fit_steps(model, x, y, batch_size, steps):
     """Seconds of each of ``steps`` training steps of ``model.fit`` on one repeated batch.
 
@@ -445,13 +449,18 @@ def timed_fit_steps(model, x, y, batch_size, steps):
     return times
 
 
-def compare_step_times(models: dict, x, y, batch_size, steps=30, warmup=3, rounds=None):
-    """Median seconds of one training step per model, measured interleaved.
+def compare_step_times(models: dict, x, y, batch_size, steps=30, warmup=3, rounds=None,
+                       settle=SETTLE_STEPS):
+    """Median seconds of one steady training step per model, measured interleaved.
 
-    The models take turns (``rounds`` rounds of ``steps / rounds`` steps each),
-    so a load change on a shared machine hits all of them alike and their
-    ratios stay meaningful. Each model trains on the same batch; the first
-    ``warmup`` steps (compilation) are not timed.
+    The models take turns (``rounds`` rounds of ``steps / rounds`` timed steps each,
+    the first model rotating), so a load change on a shared machine hits all of them
+    alike and their ratios stay meaningful. Each model trains on the same batch; the
+    first ``warmup`` steps (compilation) are not timed, nor are the first ``settle``
+    steps of every turn: a turn's first steps pay for ``fit``'s start and for caches
+    the other models evicted (TensorFlow, Dense 256 without XLA: 2.17, 0.82, 0.69,
+    0.66 ms for a turn's steps 1–4; Dense 2048: 12.4, 11.0, 10.3, 9.9 ms), which a
+    model training on its own does not.
     """
     for model in models.values():
         timed_fit_steps(model, x, y, batch_size, max(1, warmup))
@@ -461,7 +470,8 @@ def compare_step_times(models: dict, x, y, batch_size, steps=30, warmup=3, round
     order = list(models)
     for r in range(rounds):  # rotate who goes first, so no model always follows the same one
         for name in order[r % len(order):] + order[: r % len(order)]:
-            times[name] += timed_fit_steps(models[name], x, y, batch_size, per_round)
+            times[name] += timed_fit_steps(models[name], x, y, batch_size,
+                                           settle + per_round)[settle:]
     return {name: float(np.median(t)) for name, t in times.items()}
 
 

@@ -183,9 +183,9 @@ def run(cfg):
                                     "train_loss": float(history.history["loss"][-1])}
                 models[variant] = model
             steps = timing_steps(cfg)
-            # two steps per model per turn: a load change on a shared machine hits all alike
+            # short turns: a load change on a shared machine hits all alike
             times = compare_step_times(models, x, y, cfg.batch_size, steps=steps,
-                                       rounds=max(1, steps // 2))
+                                       rounds=max(1, steps // 6))
             own = {variant: meta_network_ms(models[variant]) for variant in models}
             ste_ms = 1e3 * times["ste"]
             for variant in models:

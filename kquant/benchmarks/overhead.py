@@ -4,7 +4,8 @@ Each model is one layer (``Input → Dense`` or ``Input → Conv2D 3×3 same``)
 trained with SGD on a mean-squared error, so the step time is the layer's
 forward + backward + update. Variants of one size are timed interleaved in
 one process (:func:`benchmarks.common.compare_step_times`) and reported as a
-ratio to the float layer (two steps per model per turn, the median of all):
+ratio to the float layer (six timed steps per model per turn, after three that
+settle it, the median of all):
 
 * ``float``: the Keras layer;
 * ``float_control``: a second, separately built and compiled float layer of the
@@ -222,9 +223,9 @@ def run(cfg):
             if use_larq:
                 models.update({(name, "larq"): m for name, m in _larq_models(kind, size).items()})
             steps = timing_steps(cfg)
-            # two steps per turn: on a shared machine a load change then hits every model
+            # short turns: on a shared machine a load change then hits every model
             times = compare_step_times(models, x, y, batch, steps=steps,
-                                       warmup=1 if cfg.tiny else 3, rounds=max(1, steps // 2))
+                                       warmup=1 if cfg.tiny else 3, rounds=max(1, steps // 6))
             label = f"{size[0]}→{size[1]}" if kind == "dense" else f"{size[0]}×{size[0]}×{size[1]}"
             larq_twin = {"sign_w": "larq_sign_w", "sign_wa": "larq_sign_wa", "float": "larq_float"}
             for (name, jit), model in models.items():
