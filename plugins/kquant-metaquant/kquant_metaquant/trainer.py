@@ -419,7 +419,8 @@ class MetaQuant(keras.Model):
         Keras' ``"auto"`` leaves a CPU-only TensorFlow without XLA; the late update is
         many small element-wise ops around two matrix products per meta kernel (LSTMFC),
         which XLA fuses: on 2 CPU cores an LSTMFC step went from 5.9–6.3× to 3.7–3.9× an
-        STE step (``python -m benchmarks metaquant --quick``). Not under a
+        STE step (``python -m benchmarks metaquant --quick``, before the benchmarks timed
+        settled steps; settled, with XLA: 3.6–4.3×). Not under a
         ``tf.distribute`` strategy (``MirroredStrategy`` cannot compile with XLA) nor
         with ``run_eagerly``.
         """
