@@ -293,3 +293,72 @@ def test_refit_from_codes_decode_and_project_match_numpy_also_under_xla(bits):
     for got in run(steps.project, grad, bases):
         np.testing.assert_allclose(got, np.einsum("gn,gni->gi", grad, bases), rtol=1e-5,
                                    atol=1e-5)
+
+
+@pytest.mark.core
+@pytest.mark.parametrize("bits", [5, 8])
+def test_bases_step_in_storage_dtype_equals_the_unfused_steps(bits):
+    """Alg. 3 as one step (codes searched once, the sign fix applied to the codes, the
+    bases written in their storage dtype) equals search → bases → Eq. 23 → flip on float
+    bases, eagerly and under XLA (each form run the same way); some α flip here."""
+    import keras
+
+    from kquant.alq.layers import bases_dtype
+
+    rng = _rng(70 + bits)
+    g, n = 30, 8   # groups this small give collinear bases, and negative refits
+    mask = (rng.random((g, bits)) < 0.8).astype("float32")
+    mask[0] = 1.0
+    alpha = (rng.uniform(0.05, 1.0, size=(g, bits)) * mask).astype("float32")
+    bases = np.where(rng.random((g, n, bits)) < 0.5, -1.0, 1.0).astype("float32")
+    grad = rng.normal(scale=2.0, size=(g, n)).astype("float32")
+    h = rng.uniform(0.5, 2.0, size=(g, n)).astype("float32")
+    moment = rng.normal(size=(g, bits)).astype("float32")
+    t = ops.convert_to_tensor
+
+    def unfused(b, a, m, gr, hh, mo):
+        w_old = steps.decode(b, a, m)
+        codes = steps.exhaustive_codes(w_old - gr / hh, a, m)
+        refit = steps.refit_from_codes(codes, m, gr, hh, w_old)
+        return steps.make_positive(steps.with_codes(codes, b, m), refit, mo) + (refit,)
+
+    def fused(b, a, m, gr, hh, mo):
+        return steps.bases_step(ops.cast(b, bases_dtype()), a, m, gr, hh, moments=(mo,),
+                                search="exhaustive")
+
+    runs = [lambda f: f]
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        runs.append(lambda f: tf.function(f, jit_compile=True))
+    args = [t(a) for a in (bases, alpha, mask, grad, h, moment)]
+    for run in runs:
+        want = [ops.convert_to_numpy(x) for x in run(unfused)(*args)]
+        assert (want[3] < 0).any(), "the case must flip some α"
+        got = run(fused)(*args)
+        assert keras.backend.standardize_dtype(got[0].dtype) == bases_dtype()
+        np.testing.assert_array_equal(ops.convert_to_numpy(ops.cast(got[0], "float32")), want[0])
+        np.testing.assert_allclose(ops.convert_to_numpy(got[1]), want[1], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(ops.convert_to_numpy(got[2]), want[2], rtol=1e-6)
+
+
+@pytest.mark.core
+def test_materialize_returns_its_tensors_and_compiles_to_a_conditional_under_xla():
+    import keras
+
+    from kquant import xla
+
+    x = ops.convert_to_tensor(np.arange(6, dtype="float32").reshape(2, 3))
+    codes = ops.convert_to_tensor(np.array([[1, 2, 3]], "int32"))
+    out = xla.materialize((x, codes), x[0, 0])
+    np.testing.assert_array_equal(ops.convert_to_numpy(out[0]), ops.convert_to_numpy(x))
+    np.testing.assert_array_equal(ops.convert_to_numpy(out[1]), [[1, 2, 3]])
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        fn = tf.function(lambda a, c: xla.materialize((a * 2, c + 1), a[1, 1]), jit_compile=True)
+        got = fn(x, codes)
+        np.testing.assert_array_equal(ops.convert_to_numpy(got[0]), 2 * ops.convert_to_numpy(x))
+        np.testing.assert_array_equal(ops.convert_to_numpy(got[1]), [[2, 3, 4]])
+        hlo = fn.experimental_get_compiler_ir(x, codes)(stage="hlo")
+        assert "conditional(" in hlo

@@ -278,3 +278,100 @@ def test_step_guard_is_per_step_not_per_layer():
             continue
         np.testing.assert_array_equal(b, a, err_msg=name)  # biases, B/α, moments, iterations
     assert skipped == 1
+
+
+def _guard_case(clipvalue=None):
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((8,)), ALQDense(4, max_bits=3, group=4),
+                              ALQDense(2, max_bits=3, group=4)])
+    opt = ALQ(learning_rate=0.05, clipvalue=clipvalue)
+    variables = model.trainable_variables
+    opt.build(variables)
+    rng = np.random.default_rng(0)
+    grads = [rng.normal(size=v.shape).astype("float32") for v in variables]
+    return model, opt, variables, grads
+
+
+def _xla_launches(graph):
+    """XLA-compiled function calls directly in ``graph``."""
+    launches = 0
+    for op in graph.get_operations():
+        try:
+            launches += bool(op.get_attr("_XlaMustCompile"))
+        except ValueError:
+            pass
+    return launches
+
+
+@pytest.mark.tf_only
+def test_graph_update_is_one_xla_launch_equal_to_the_eager_update():
+    """A TensorFlow train step without XLA runs the whole ALQ update (every layer, the
+    inner Adam, the guard) as one XLA launch, with the eager per-variable update's result."""
+    import tensorflow as tf
+
+    results = []
+    for mode in ("eager", "graph"):
+        _, opt, variables, grads = _guard_case()
+        for step in range(3):
+            opt.phase = ("bases", "coordinates", "bases")[step]
+            tensors = [tf.constant(g * (step + 1)) for g in grads]
+            if mode == "eager":
+                opt.apply(tensors, variables)
+            else:
+                fn = tf.function(lambda *g, opt=opt, variables=variables:
+                                 opt.apply(list(g), variables))
+                assert _xla_launches(fn.get_concrete_function(*tensors).graph) == 1
+                fn(*tensors)
+        results.append([_np(v) for v in variables] + [_np(v) for v in opt.variables])
+    for eager, graph in zip(*results):
+        np.testing.assert_allclose(graph, eager, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.tf_only
+@pytest.mark.parametrize("bad, clipvalue", [(np.nan, None), (np.inf, None), (np.inf, 0.5)])
+def test_graph_update_skips_a_non_finite_step_whole(bad, clipvalue):
+    """The guard of the one-launch update sees what :meth:`ALQ.apply` saw: an inf that
+    ``clipvalue`` would clip to a finite value still skips the step."""
+    import tensorflow as tf
+
+    _, opt, variables, grads = _guard_case(clipvalue)
+    before = [_np(v) for v in variables] + [_np(v) for v in opt.variables]
+    grads[0][0, 0] = bad
+    tf.function(lambda *g: opt.apply(list(g), variables))(*[tf.constant(g) for g in grads])
+    after = [_np(v) for v in variables] + [_np(v) for v in opt.variables]
+    names = [v.path for v in variables] + [v.path for v in opt.variables]
+    for name, a, b in zip(names, before, after):
+        if "non_finite_steps" not in name:
+            np.testing.assert_array_equal(b, a, err_msg=name)
+    assert opt.non_finite_steps == 1
+
+
+@pytest.mark.tf_only
+def test_training_graph_decodes_the_kernel_in_one_xla_launch():
+    """Without XLA, a training call decodes ``B α`` in one XLA launch with the same
+    output and the same tap gradient; an inference graph (what exporters read) has none."""
+    import tensorflow as tf
+
+    layer = ALQConv2D(4, 3, max_bits=3, group="kernel")
+    layer.build((None, 6, 6, 2))
+    rng = np.random.default_rng(3)
+    layer.set_float_kernel(rng.normal(size=(3, 3, 2, 4)).astype("float32"))
+    x = tf.constant(rng.normal(size=(2, 6, 6, 2)).astype("float32"))
+    upstream = tf.constant(rng.normal(size=(2, 4, 4, 4)).astype("float32"))
+
+    def loss_and_tap_gradient(training):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(layer(x, training=training) * upstream)
+        return loss, tape.gradient(loss, layer.kernel_tap.value)
+
+    want = [_np(v) for v in loss_and_tap_gradient(True)]            # eager: plain ops
+    kernel = _np(layer.kernel)
+    want_tap = _np(tf.compat.v1.nn.conv2d_backprop_filter(x, kernel.shape, upstream,
+                                                          [1, 1, 1, 1], "VALID"))
+    np.testing.assert_allclose(want[1], want_tap, rtol=1e-5, atol=1e-5)
+    for training, launches in ((True, 1), (False, 0)):
+        fn = tf.function(lambda training=training: loss_and_tap_gradient(training))
+        assert _xla_launches(fn.get_concrete_function().graph) == launches
+        got = [_np(v) for v in fn()]
+        np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+        np.testing.assert_allclose(got[1], want[1], rtol=1e-5, atol=1e-6)

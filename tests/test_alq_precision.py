@@ -53,11 +53,14 @@ def test_mixed_precision_levels_exact_training_and_float32_twin(policy):
     twin = _model()
     twin.set_weights(model.get_weights())
     # Rounding of the half-precision activations may move a few inputs of the activation
-    # quantizer across a level boundary; the rest agree to the half-precision rounding.
+    # quantizer across a level boundary (a tail of rows off by a level step, bfloat16:
+    # ~10 % of the rows at 4-10 %, how many depends on the trajectory); the typical row
+    # agrees to the half-precision rounding.
     tolerance = 0.05 if policy == "mixed_bfloat16" else 5e-3
     reference = _np(twin.predict(x, verbose=0))
-    close = np.all(np.abs(reference - predictions) <= tolerance * (1 + np.abs(reference)), axis=1)
-    assert close.mean() >= 0.9, close.mean()
+    error = np.max(np.abs(reference - predictions) / (1 + np.abs(reference)), axis=1)
+    assert np.median(error) <= tolerance / 5, np.median(error)
+    assert (error <= tolerance).mean() >= 0.85, np.sort(error)
     assert (reference.argmax(1) == predictions.argmax(1)).mean() >= 0.95
 
 

@@ -26,6 +26,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from kquant import xla
 from kquant.accounting import LayerStats
 from kquant.alq import groups as group_lib
 from kquant.alq import sketching, steps
@@ -180,8 +181,16 @@ class ALQLayer(keras.layers.Layer):
                             ops.stop_gradient(self.mask))
 
     def quantized_kernel(self, training=None):
-        """The kernel the forward pass uses: ``B α mask`` reshaped (+ the zero tap)."""
-        return self.layout.from_groups(self.grouped_kernel()) + self.kernel_tap
+        """The kernel the forward pass uses: ``B α mask`` reshaped (+ the zero tap).
+
+        The decode is one XLA launch in a TensorFlow training graph that XLA does not
+        compile (:func:`kquant.xla.compiled_in_graph`: it reads the int8 bases once;
+        TF's kernels cast, multiply and transpose in passes of their own)."""
+        decode = xla.compiled_in_graph(self._decoded_kernel, training)
+        return decode(*(ops.stop_gradient(v) for v in self.alq_state())) + self.kernel_tap
+
+    def _decoded_kernel(self, bases, coordinates, mask):
+        return self.layout.from_groups(steps.decode(bases, coordinates, mask))
 
     @property
     def kernel(self):
