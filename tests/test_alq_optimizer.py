@@ -292,6 +292,13 @@ def _guard_case(clipvalue=None):
     return model, opt, variables, grads
 
 
+def _graph_apply(opt, variables):
+    """``opt.apply`` traced into a TensorFlow graph without XLA."""
+    import tensorflow as tf
+
+    return tf.function(lambda *grads: opt.apply(list(grads), variables))
+
+
 def _xla_launches(graph):
     """XLA-compiled function calls directly in ``graph``."""
     launches = 0
@@ -318,8 +325,7 @@ def test_graph_update_is_one_xla_launch_equal_to_the_eager_update():
             if mode == "eager":
                 opt.apply(tensors, variables)
             else:
-                fn = tf.function(lambda *g, opt=opt, variables=variables:
-                                 opt.apply(list(g), variables))
+                fn = _graph_apply(opt, variables)
                 assert _xla_launches(fn.get_concrete_function(*tensors).graph) == 1
                 fn(*tensors)
         results.append([_np(v) for v in variables] + [_np(v) for v in opt.variables])
@@ -337,7 +343,7 @@ def test_graph_update_skips_a_non_finite_step_whole(bad, clipvalue):
     _, opt, variables, grads = _guard_case(clipvalue)
     before = [_np(v) for v in variables] + [_np(v) for v in opt.variables]
     grads[0][0, 0] = bad
-    tf.function(lambda *g: opt.apply(list(g), variables))(*[tf.constant(g) for g in grads])
+    _graph_apply(opt, variables)(*[tf.constant(g) for g in grads])
     after = [_np(v) for v in variables] + [_np(v) for v in opt.variables]
     names = [v.path for v in variables] + [v.path for v in opt.variables]
     for name, a, b in zip(names, before, after):
