@@ -28,7 +28,8 @@ def in_xla() -> bool:
 
 def compile_with_xla(fn):
     """Backend seam: ``fn`` (a function of tensors; it may read and assign variables
-    it closes over), run XLA-compiled where the step around it is not: TensorFlow without ``jit_compile``, outside
+    it closes over), run XLA-compiled where the step around it is not: TensorFlow
+    without ``jit_compile``, outside
     ``tf.distribute`` (decided per call, at trace time; a strategy's replicas
     would each compile it at every trace: the ALQ pipeline test on 2 replicas
     took 129 s instead of 40). Everywhere else ``fn`` itself runs (JAX and
@@ -59,11 +60,7 @@ def compiled_in_graph(fn, training=None):
     element-wise op as its own pass over the kernel, XLA one fused loop (DoReFa
     2-bit, Dense 2048 train step without ``jit_compile``: 1.86× → 1.35× the float
     step)."""
-    if training is not True or not _tensorflow():
-        return fn
-    import tensorflow as tf
-
-    if tf.executing_eagerly() or not _compiled_apart():
+    if training is not True or not compiles_apart():
         return fn
     return _xla_function(fn)
 
