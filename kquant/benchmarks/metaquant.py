@@ -20,7 +20,8 @@ Options (``-o KEY=VALUE``): ``model`` (default ``small_convnet``),
 MultiFC with FC biases, ``use_bias=True``; ``fcgrad_identity`` FCGrad with
 ``init="identity"``), ``bits`` (1), ``hidden`` (100), ``lr`` (1e-3),
 ``meta_lr`` (1e-3), ``jit`` (``on``: every variant, STE included, compiles with
-XLA as MetaQuant does by default, so the times compare one compilation mode; not
+XLA, so the times compare one compilation mode; ``auto``: each as a user's
+default compile does, MetaQuant's LSTMFC with XLA and the rest Keras' choice; not
 under ``MirroredStrategy``), ``timing_steps``. Without ``lr`` each (quantizer, optimizer)
 cell trains at :data:`LEARNING_RATES` (else 1e-3); the ``lr`` column is read back
 from each trained optimizer. The tiny scale runs DoReFa × Adam with

@@ -414,17 +414,20 @@ class MetaQuant(keras.Model):
         return loss, y_pred, new_T, new_N, new_O, new_M
 
     def compile(self, *args, jit_compile="auto", **kwargs):
-        """``keras.Model.compile``; ``jit_compile="auto"`` is XLA on TensorFlow too.
+        """``keras.Model.compile``; ``jit_compile="auto"`` is Keras' own choice, the one its
+        STE twin gets, except for a meta network that :attr:`~MetaNetwork.prefers_xla`
+        (LSTMFC): XLA on TensorFlow too.
 
-        Keras' ``"auto"`` leaves a CPU-only TensorFlow without XLA; the late update is
-        many small element-wise ops around two matrix products per meta kernel (LSTMFC),
-        which XLA fuses: on 2 CPU cores an LSTMFC step went from 5.9–6.3× to 3.7–3.9× an
-        STE step (``python -m benchmarks metaquant --quick``, before the benchmarks timed
-        settled steps; settled, with XLA: 3.6–4.3×). Not under a
+        Keras' ``"auto"`` leaves a CPU-only TensorFlow without XLA, whose convolutions
+        run faster than XLA:CPU's (small convnet, 2 cores: STE 1.36× slower with XLA).
+        FCGrad and MultiFC add O(n) work, so they keep it (FCGrad 1.36× → 1.13× an STE
+        step). LSTMFC's ``[n, 4h]`` element-wise passes around its two matrix products
+        gain more from XLA's fusion (5.3× → 4.2–4.5× an STE step). Not under a
         ``tf.distribute`` strategy (``MirroredStrategy`` cannot compile with XLA) nor
         with ``run_eagerly``.
         """
         if (jit_compile == "auto" and keras.backend.backend() == "tensorflow"
+                and self.meta_network.prefers_xla
                 and not kwargs.get("run_eagerly") and not in_strategy(self)):
             jit_compile = True
         super().compile(*args, jit_compile=jit_compile, **kwargs)

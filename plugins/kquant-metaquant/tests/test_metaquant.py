@@ -484,12 +484,20 @@ def test_a_non_finite_batch_is_a_step_that_never_happened(jit, bad):
 
 
 @pytest.mark.tf_only
-def test_auto_compiles_with_xla_on_tensorflow_but_not_under_a_strategy_or_eagerly():
+def test_auto_compiles_lstmfc_with_xla_on_tensorflow_but_not_under_a_strategy_or_eagerly():
     import tensorflow as tf
 
     model = _lstmfc()
     model.compile(optimizer="adam", loss=LOSS)
     assert model.jit_compile is True
+    for name in ("fcgrad", "multifc"):    # O(n) networks: Keras' own "auto", as STE gets
+        fc = kmq.MetaQuant(_model({"name": name, "config": {"hidden": 4}}))
+        fc.compile(optimizer="adam", loss=LOSS)
+        twin = _model("ste")
+        twin.compile(optimizer="adam", loss=LOSS)
+        assert fc.jit_compile == twin.jit_compile
+        fc.compile(optimizer="adam", loss=LOSS, jit_compile=True)
+        assert fc.jit_compile is True
     model.compile(optimizer="adam", loss=LOSS, run_eagerly=True)
     assert model.jit_compile is False
     model.compile(optimizer="adam", loss=LOSS, jit_compile=False)
