@@ -38,6 +38,8 @@ from __future__ import annotations
 import keras
 from keras import ops
 
+from kquant.xla import in_xla
+
 _ACTIVATIONS = (None, "relu", "tanh")
 _INITS = ("random", "identity")
 
@@ -201,6 +203,9 @@ class LSTMFCNetwork(MetaNetwork):
     # [n, 4h] element-wise passes around two [n, h]·[h, 4h] products per step: XLA
     # fuses them (small convnet, 2 CPU cores: 5.3× → 4.2–4.5× an STE step)
     prefers_xla = True
+    #: rows per block of :meth:`meta_gradient` under XLA, and the most blocks unrolled
+    block_rows = 4096
+    max_blocks = 32
 
     def __init__(self, hidden=100, num_layers=1, activation=None, use_bias=False, init="random",
                  **kwargs):
@@ -223,8 +228,24 @@ class LSTMFCNetwork(MetaNetwork):
         self.built = True
 
     def meta_gradient(self, grad, soft, state=()):
+        """Under XLA, in row blocks of :attr:`block_rows` (at most :attr:`max_blocks`):
+        each block's ``[rows, 4h]`` gates stay in cache between the products and the
+        element-wise passes, forward and backward (n = 29 k, h = 100, value and ``∂/∂φ``:
+        TF 36 → 30 ms, JAX 61 → 47 ms on 2 CPU cores). Every row is computed alike."""
         h_prev, c_prev = state
         grad, soft = ops.convert_to_tensor(grad), ops.convert_to_tensor(soft)
+        n = grad.shape[0]
+        if n is None or not in_xla():
+            return self._cell(grad, soft, h_prev, c_prev)
+        rows = max(self.block_rows, -(-n // self.max_blocks))
+        if rows >= n:
+            return self._cell(grad, soft, h_prev, c_prev)
+        blocks = [self._cell(grad[s:s + rows], soft[s:s + rows], h_prev[s:s + rows],
+                             c_prev[s:s + rows]) for s in range(0, n, rows)]
+        return (ops.concatenate([b[0] for b in blocks], 0),
+                tuple(ops.concatenate([b[1][i] for b in blocks], 0) for i in range(2)))
+
+    def _cell(self, grad, soft, h_prev, c_prev):
         gates = (ops.matmul(ops.reshape(soft, (-1, 1)), self.lstm_kernel)
                  + ops.matmul(h_prev, self.lstm_recurrent) + self.lstm_bias)
         i, f, g, o = ops.split(gates, 4, axis=-1)

@@ -412,14 +412,31 @@ def _fit_steps(model, x, y, steps, start=0):
 
 
 @needs_train_step
-def test_jit_compiled_step_follows_the_uncompiled_one():
-    """The whole late update (optimizer π, φ's Adam, LSTM states) under XLA."""
+@pytest.mark.parametrize("block_rows", [None, 5])
+def test_jit_compiled_step_follows_the_uncompiled_one(block_rows, monkeypatch):
+    """The whole late update (optimizer π, φ's Adam, LSTM states) under XLA; with
+    ``block_rows`` the LSTM runs in row blocks there (48 and 24 kernel weights: blocks of 5)."""
+    from kquant_metaquant.meta_networks import LSTMFCNetwork
+
+    rows_seen = []
+    cell = LSTMFCNetwork._cell
+
+    def recording_cell(self, grad, *args):
+        rows_seen.append(int(grad.shape[0]))
+        return cell(self, grad, *args)
+
+    monkeypatch.setattr(LSTMFCNetwork, "_cell", recording_cell)
     x, y = _data()
     runs = {}
     for jit in (False, True):
         model = _lstmfc()
+        if block_rows:
+            model.meta_network.block_rows = block_rows
         model.compile(optimizer=keras.optimizers.Adam(0.01), loss=LOSS, jit_compile=jit)
+        rows_seen.clear()
         runs[jit] = (_fit_steps(model, x, y, 5), _values(model))
+    # the traced cells of the compiled step: whole kernels, or blocks of ≤ block_rows
+    assert set(rows_seen) == ({48, 24} if not block_rows else {5, 3, 4}), rows_seen
     np.testing.assert_allclose(runs[True][0], runs[False][0], rtol=1e-5)
     for a, b in zip(runs[True][1], runs[False][1]):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
