@@ -141,6 +141,7 @@ def build(kind):
     if kind in ("multifc", "lstmfc"):
         import kquant_metaquant
         m = kquant_metaquant.MetaQuant(m)
+        m.meta_network.block_rows = 16   # LSTMFC under XLA (JAX): rows in blocks of 16
     return m
 
 def train(kind, start=None):
