@@ -176,6 +176,76 @@ def test_overhead_variants_build_the_quantizers_they_name():
     assert overhead.twin("float_control") == "float" and "float_control" not in overhead.INNER
 
 
+def _alq_plan(s):
+    """``[(round, phase, lr)]`` per epoch, written out from the settings alone: per round
+    ``prune_epochs`` of pruning (at the coordinates lr), then the bases and coordinates
+    epochs, each at its lr for the first half (rounded up) and at ``lr·decay`` after."""
+    plan = []
+    for r in range(1, s["rounds"] + 1):
+        plan += [(r, "prune", s["coordinates_lr"])] * s["prune_epochs"]
+        for phase in ("bases", "coordinates"):
+            count, lr = s[f"{phase}_epochs"], s[f"{phase}_lr"]
+            plan += [(r, phase, lr if e < -(-count // 2) else lr * s["decay"])
+                     for e in range(count)]
+    return plan
+
+
+def check_alq_rows(meta, rows):
+    """The ALQ result is the configuration its settings and labels name: the float
+    baseline's epochs (and, beyond one epoch, its convergence: the last quarter of its
+    epochs gained less than a point of validation accuracy), every pipeline epoch's
+    phase and lr as read back from the optimizer, the rounds the schedule needs, each
+    round row's bits (the log's, on the 0.6× schedule down to the target) and the timed
+    I_max."""
+    from kquant.alq import ALQSchedule
+
+    s = meta["settings"]
+    stages = {r["stage"]: r for r in rows}
+    if not meta.get("timing_only"):
+        assert meta["float_epochs_trained"] == s["float_epochs"]
+        accuracy = meta["float_history"]["val_accuracy"]
+        assert len(accuracy) == s["float_epochs"]
+        if len(accuracy) >= 8:
+            settled = len(accuracy) - len(accuracy) // 4
+            assert max(accuracy) - max(accuracy[:settled]) < 0.01, "float baseline not converged"
+        start = stages["sketch init"]["average_bits"]
+        if s["target_bits"] is not None:
+            assert s["rounds"] == ALQSchedule.rounds_needed(start, s["target_bits"], s["ratio"])
+        log = meta["phase_log"]
+        assert [(e["round"], e["phase"]) for e in log] == [(r, p) for r, p, _ in _alq_plan(s)]
+        for entry, (_, _, lr) in zip(log, _alq_plan(s)):
+            assert entry["lr"] == pytest.approx(lr, rel=1e-6), entry
+        for r in range(1, s["rounds"] + 1):
+            bits = [e["average_bits"] for e in log if e["round"] == r][-1]
+            assert stages[f"round {r}"]["average_bits"] == pytest.approx(bits)
+            if s["target_bits"] is not None:
+                target = max(start * s["ratio"] ** r, s["target_bits"])
+                assert bits == pytest.approx(target, rel=0.02), (r, bits, target)
+        if s["target_bits"] is not None:
+            assert stages[f"round {s['rounds']}"]["average_bits"] <= s["target_bits"] + 1e-6
+    timed = [r["stage"] for r in rows if r["stage"].startswith("timing")]
+    bases = {int(t.split("I_max=")[1].split()[0]) for t in timed if "bases" in t}
+    assert bases == set(s["timing_bits"])
+    coordinates = {t for t in timed if "coordinates" in t}
+    assert all(f"I_max={min(6, max(s['timing_bits']))}" in t for t in coordinates) and coordinates
+
+
+@pytest.mark.slow  # on JAX, the data_parallel run of every benchmark covers this
+def test_alq_rows_train_their_labelled_schedule(tiny_run):
+    _, result, _ = tiny_run("alq")
+    check_alq_rows(result.meta, result.rows)
+
+
+def test_committed_alq_results_are_what_their_rows_say():
+    """The committed quick results (and the GPU timing run) pass the same checks: the
+    float baseline converged, every round ran its labelled phases and lrs, and the bits
+    followed the schedule to the target."""
+    folders = [ROOT / "benchmarks" / "results" / "alq", ROOT / "benchmarks" / "results" / "h100" / "alq"]
+    for folder in folders:
+        saved = json.loads((folder / "results.json").read_text())
+        check_alq_rows(saved["meta"], saved["rows"])
+
+
 @pytest.mark.parametrize("name", benchmarks.names())
 def test_every_benchmark_declares_exactly_the_options_it_reads(name):
     """``OPTIONS`` lists each ``-o`` key the module reads (``cfg.option("k")``,

@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 
 import keras
+from keras import ops
 
 from kquant.alq.layers import alq_layers
 from kquant.alq.optimizer import ALQ
@@ -33,7 +34,8 @@ class ALQSchedule(keras.callbacks.Callback):
     """Drives phase, learning rate and pruning of an :class:`~kquant.optimizers.ALQ` fit.
 
     ``model.fit(..., epochs=schedule.total_epochs, callbacks=[schedule])``;
-    ``schedule.log`` holds one row per epoch (round, phase, lr, average bits, metrics).
+    ``schedule.log`` holds one row per epoch (round, the phase and learning rate read back
+    from the optimizer, average bits, metrics).
     """
 
     def __init__(self, rounds=4, prune_epochs=1, bases_epochs=10, coordinates_epochs=20,
@@ -159,7 +161,7 @@ class ALQSchedule(keras.callbacks.Callback):
         if epoch >= len(self.plan):
             return
         sync_training_state(self.model)
-        r, phase, lr = self.plan[epoch]
+        r, phase, _ = self.plan[epoch]
         last_prune_epoch = phase == "prune" and (epoch + 1 == len(self.plan) or
                                                  self.plan[epoch + 1][1] != "prune")
         if last_prune_epoch and self._pruning is not None:
@@ -167,16 +169,20 @@ class ALQSchedule(keras.callbacks.Callback):
                 self._prune_step()
             self._pruning = None
             self._optimizer().set_schedule_state(prune_start_budget=-1, prune_steps_done=0)
-        row = {"epoch": epoch + 1, "round": r + 1, "phase": phase, "lr": lr,
+        optimizer = self._optimizer()
+        # what the optimizer ran this epoch, read back (not the plan): the log a
+        # benchmark labels its rows with
+        row = {"epoch": epoch + 1, "round": r + 1, "phase": optimizer.phase,
+               "lr": float(ops.convert_to_numpy(optimizer.learning_rate)),
                "average_bits": average_bitwidth(self._layers)}
         row.update({k: float(v) for k, v in (logs or {}).items()})
         self.log.append(row)
-        self._optimizer().warn_if_non_finite()
+        optimizer.warn_if_non_finite()
         if self.verbose:
             metrics = ", ".join(f"{k} {v:.4g}" for k, v in row.items()
                                 if k not in ("epoch", "round", "phase", "lr", "average_bits"))
-            print(f"ALQ round {r + 1}/{self.rounds} {phase:<11} epoch {epoch + 1}: "
-                  f"lr {lr:.2g}, {row['average_bits']:.3f} bits/weight, {metrics}")
+            print(f"ALQ round {r + 1}/{self.rounds} {row['phase']:<11} epoch {epoch + 1}: "
+                  f"lr {row['lr']:.2g}, {row['average_bits']:.3f} bits/weight, {metrics}")
 
 
 def _strategy_scope(model):

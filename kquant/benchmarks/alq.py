@@ -10,7 +10,12 @@ step (I_max 2, 4, 6, 8, with the default ``search="auto"``; the row names the
 search it runs, :func:`kquant.alq.steps.resolve_search`) and of the
 coordinates step (I_max 6) is measured as a ratio to an Adam step on the
 float model, all interleaved in one process
-(:func:`~kquant.benchmarks.common.compare_step_times`), without and with XLA.
+(:func:`~kquant.benchmarks.common.compare_step_times`), without and with XLA,
+and so is its memory: the peak a settled step allocates (``peak_mib``, the
+allocator's statistics, :func:`~kquant.benchmarks.common.step_peak_bytes`;
+TensorFlow only), beyond the Adam step's (``peak_minus_adam_mib``), beside what
+one ``[G, n, 2^I]`` float32 distance tensor would hold (``distance_tensor_mib``,
+the authors' search, which ours never builds).
 
 Options: ``-o timing=false`` skips the timing rows; ``-o train=false`` gives
 only them (on the untrained float LeNet5: a step's time does not depend on
@@ -27,7 +32,10 @@ from kquant.alq import ALQ, ALQSchedule, alq_layers, average_bitwidth, fit_pipel
 from kquant.alq import steps, storage_table
 from kquant.alq.storage import plot_bitwidths
 from kquant.benchmarks.common import (BenchConfig, Result, compare_step_times, compile_classifier,
-                                      jit_compile_allowed, load_data, set_seed, timing_steps)
+                                      jit_compile_allowed, load_data, set_seed, step_peak_bytes,
+                                      timing_steps)
+
+MIB = 2.0**20
 
 # the -o KEY=VALUE settings this benchmark reads (others are refused)
 OPTIONS = {
@@ -35,6 +43,10 @@ OPTIONS = {
     "timing": "time the bases step against Adam (false: skip)",
     "timing_steps": "timed steps per model",
 }
+
+
+TIMING_COLUMNS = ["bases_step_vs_adam", "coordinates_step_vs_adam", "peak_mib",
+                  "peak_minus_adam_mib", "distance_tensor_mib"]
 
 
 def _groups(layer):
@@ -46,17 +58,18 @@ def settings(cfg: BenchConfig) -> dict:
     if cfg.tiny:
         return dict(float_epochs=cfg.epochs_or(1, 1, 1), max_bits=3, ratio=0.6, target_bits=None,
                     rounds=1, prune_epochs=1, bases_epochs=1, coordinates_epochs=1,
-                    bases_lr=1e-3, coordinates_lr=1e-3, timing_bits=(2,), jit=(False, True)
-                    if keras.backend.backend() == "jax" else (False,))
+                    bases_lr=1e-3, coordinates_lr=1e-3, decay=0.1, timing_bits=(2,),
+                    jit=(False, True) if keras.backend.backend() == "jax" else (False,))
     if cfg.quick:  # 8×8 digits on a CPU in minutes
         return dict(float_epochs=cfg.epochs_or(40, 40), max_bits=6, ratio=0.6, target_bits=0.7,
                     rounds=None, prune_epochs=1, bases_epochs=2, coordinates_epochs=4,
-                    bases_lr=1e-3, coordinates_lr=1e-3, timing_bits=(2, 4, 6, 8),
+                    bases_lr=1e-3, coordinates_lr=1e-3, decay=0.1, timing_bits=(2, 4, 6, 8),
                     jit=(False, True))
     # The paper's LeNet5 (App. B.2): 10 bases + 20 coordinates epochs per round, 0.40 bits.
     return dict(float_epochs=cfg.epochs_or(30, 30), max_bits=6, ratio=0.6, target_bits=0.4,
                 rounds=None, prune_epochs=1, bases_epochs=10, coordinates_epochs=20,
-                bases_lr=1e-3, coordinates_lr=1e-4, timing_bits=(2, 4, 6, 8), jit=(False, True))
+                bases_lr=1e-3, coordinates_lr=1e-4, decay=0.1, timing_bits=(2, 4, 6, 8),
+                jit=(False, True))
 
 
 def _search_run(bits, jit, strategy):
@@ -84,11 +97,27 @@ def _timing_rows(float_model, x, y, cfg, s):
             compile_classifier(model, ALQ(1e-3, phase=phase), jit_compile=jit)
             timed[(bits, phase)] = model
         seconds = compare_step_times(timed, x, y, cfg.batch_size, steps=timing_steps(cfg))
+        peak = {k: step_peak_bytes(m, x, y, cfg.batch_size) for k, m in timed.items()}
+        xla = " XLA" if jit else ""
+        if peak["adam"] is not None:
+            rows.append({"stage": f"timing Adam (reference){xla}", "peak_mib": peak["adam"] / MIB})
         for (bits, phase), t in ((k, v) for k, v in seconds.items() if k != "adam"):
             search = f" ({_search_run(bits, jit, cfg.strategy)})" if phase == "bases" else ""
-            rows.append({"stage": f"timing {phase} I_max={bits}{search}{' XLA' if jit else ''}",
-                         f"{phase}_step_vs_adam": t / seconds["adam"]})
+            row = {"stage": f"timing {phase} I_max={bits}{search}{xla}",
+                   f"{phase}_step_vs_adam": t / seconds["adam"]}
+            if peak["adam"] is not None:
+                row["peak_mib"] = peak[(bits, phase)] / MIB
+                row["peak_minus_adam_mib"] = (peak[(bits, phase)] - peak["adam"]) / MIB
+                if phase == "bases":  # what a [G, n, 2^I] float32 distance tensor would hold
+                    row["distance_tensor_mib"] = _weights(timed[(bits, phase)]) * 2**bits * 4 / MIB
+            rows.append(row)
     return rows
+
+
+def _weights(model) -> int:
+    """Quantized weights of an ALQ model (``G·n`` summed over its layers)."""
+    return sum(int(layer.bases.shape[0]) * int(layer.bases.shape[1])
+               for layer in alq_layers(model))
 
 
 def run(cfg: BenchConfig) -> Result:
@@ -102,8 +131,9 @@ def run(cfg: BenchConfig) -> Result:
         return Result(name="alq", rows=_timing_rows(float_model, x, y, cfg, s),
                       meta={"settings": {k: (list(v) if isinstance(v, tuple) else v)
                                          for k, v in s.items()}, "timing_only": True},
-                      columns=["stage", "bases_step_vs_adam", "coordinates_step_vs_adam"])
-    history = float_model.fit(x, y, epochs=s["float_epochs"], batch_size=cfg.batch_size, verbose=0)
+                      columns=["stage", *TIMING_COLUMNS])
+    history = float_model.fit(x, y, epochs=s["float_epochs"], batch_size=cfg.batch_size, verbose=0,
+                              validation_data=(xt, yt))
     float_acc = float(float_model.evaluate(xt, yt, verbose=0)[1])
 
     alq_model = quantize(float_model, group=_groups, max_bits=s["max_bits"])
@@ -118,7 +148,8 @@ def run(cfg: BenchConfig) -> Result:
         alq_model, x, y, batch_size=cfg.batch_size, validation_data=(xt, yt), verbose=0,
         rounds=rounds, prune_epochs=s["prune_epochs"], bases_epochs=s["bases_epochs"],
         coordinates_epochs=s["coordinates_epochs"], bases_lr=s["bases_lr"],
-        coordinates_lr=s["coordinates_lr"], ratio=s["ratio"], target_bits=s["target_bits"],
+        coordinates_lr=s["coordinates_lr"], decay=s["decay"], ratio=s["ratio"],
+        target_bits=s["target_bits"],
     )
     for r in range(1, rounds + 1):
         last = [row for row in schedule.log if row["round"] == r][-1]
@@ -140,10 +171,11 @@ def run(cfg: BenchConfig) -> Result:
         name="alq",
         rows=rows,
         meta={"settings": settings_run, "float_epochs_trained": len(history.epoch),
+              "float_history": {k: [float(v) for v in vs] for k, vs in history.history.items()},
               "alq_epochs_trained": len(schedule.log), "planned_alq_epochs": schedule.total_epochs,
               "final_average_bits": average_bitwidth(alq_layers(alq_model)),
               "per_layer": final_table, "phase_log": schedule.log},
         plot=plot,
         columns=["stage", "accuracy", "average_bits", "compression", "storage_kb",
-                 "bases_step_vs_adam", "coordinates_step_vs_adam"],
+                 *TIMING_COLUMNS],
     )

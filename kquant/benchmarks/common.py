@@ -449,6 +449,31 @@ def timed_fit_steps(model, x, y, batch_size, steps):
     return times
 
 
+def step_peak_bytes(model, x, y, batch_size):
+    """Bytes one settled training step of ``model.fit`` allocates at its peak beyond
+    what the device held before it, from the allocator's own statistics, or ``None``
+    where none are kept (backend seam: TensorFlow's BFC allocator, on a GPU or on a
+    CPU with ``TF_CPU_ALLOCATOR_USE_BFC=true``, which the harness sets through
+    :mod:`kquant.runtime`; JAX and torch keep no resettable peak). XLA's temporaries
+    and every tensor a step holds at once are counted; where TensorFlow runs a graph's
+    ops concurrently (no XLA) the peak depends on their order (LeNet5 ALQ steps: up to
+    3.5 MiB apart between runs)."""
+    if keras.backend.backend() != "tensorflow":
+        return None
+    import tensorflow as tf
+
+    device = "GPU:0" if tf.config.list_logical_devices("GPU") else "CPU:0"
+    try:
+        tf.config.experimental.get_memory_info(device)
+    except ValueError:  # a CPU without the BFC allocator keeps no statistics
+        return None
+    timed_fit_steps(model, x, y, batch_size, 2)   # compiled and settled
+    before = tf.config.experimental.get_memory_info(device)["current"]
+    tf.config.experimental.reset_memory_stats(device)
+    timed_fit_steps(model, x, y, batch_size, 1)
+    return max(tf.config.experimental.get_memory_info(device)["peak"] - before, 0)
+
+
 def compare_step_times(models: dict, x, y, batch_size, steps=30, warmup=3, rounds=None,
                        settle=SETTLE_STEPS):
     """Median seconds of one steady training step per model, measured interleaved.
@@ -473,6 +498,23 @@ def compare_step_times(models: dict, x, y, batch_size, steps=30, warmup=3, round
             times[name] += timed_fit_steps(models[name], x, y, batch_size,
                                            settle + per_round)[settle:]
     return {name: float(np.median(t)) for name, t in times.items()}
+
+
+def distance_to(model, reference):
+    """``max |w − w_ref|`` over the trainable weights of two same-architecture models
+    (data-initialised statistics left out).
+
+    The evidence that a row trained differently from its reference: a gradient rule
+    that changes each gradient slightly (EWGS's fixed δ = 1e-3: at most 5e-4 relative)
+    moves the latent weights but may flip no quantized level in a few steps, so the
+    forward pass, and the loss, can equal the reference's to the last bit.
+    """
+    from kquant import step_state
+
+    numpy = keras.ops.convert_to_numpy
+    learned = [(a, b) for a, b in zip(model.trainable_weights, reference.trainable_weights)
+               if not step_state.is_statistic(a)]   # not the data-initialised l₀, u₀, α₀
+    return max(float(np.max(np.abs(numpy(a) - numpy(b)))) for a, b in learned)
 
 
 # -- training helpers -----------------------------------------------------------

@@ -23,6 +23,7 @@ from kquant.benchmarks.common import (
     accuracy_and_time_plot,
     compare_step_times,
     compile_classifier,
+    distance_to,
     load_data,
     require,
     set_seed,
@@ -80,22 +81,6 @@ def trained_deltas(model):
     from kquant_ewgs import ewgs_estimators
 
     return sorted({round(float(keras.ops.convert_to_numpy(e.delta)), 8) for e in ewgs_estimators(model)})
-
-
-def distance_to(model, reference):
-    """``max |w − w_ref|`` over the trainable weights of two same-architecture models.
-
-    The evidence that a row trained differently from STE: at tiny scale fixed δ = 1e-3
-    changes each gradient by at most 5e-4 relative (``δ·|x_n − x_q| ≤ δ/2``), which
-    moves the latent weights but may flip no quantized level in a few steps, so the
-    forward pass, and the loss, can equal STE's to the last bit.
-    """
-    from kquant import step_state
-
-    numpy = keras.ops.convert_to_numpy
-    learned = [(a, b) for a, b in zip(model.trainable_weights, reference.trainable_weights)
-               if not step_state.is_statistic(a)]   # not the data-initialised l₀, u₀, α₀
-    return max(float(np.max(np.abs(numpy(a) - numpy(b)))) for a, b in learned)
 
 
 def run(cfg: BenchConfig) -> Result:
