@@ -467,11 +467,24 @@ def step_peak_bytes(model, x, y, batch_size):
         tf.config.experimental.get_memory_info(device)
     except ValueError:  # a CPU without the BFC allocator keeps no statistics
         return None
-    timed_fit_steps(model, x, y, batch_size, 2)   # compiled and settled
-    before = tf.config.experimental.get_memory_info(device)["current"]
-    tf.config.experimental.reset_memory_stats(device)
-    timed_fit_steps(model, x, y, batch_size, 1)
-    return max(tf.config.experimental.get_memory_info(device)["peak"] - before, 0)
+    info = tf.config.experimental.get_memory_info
+    held = {}
+
+    def begin(batch, logs=None):
+        if batch == 1:   # the second step of this fit: compiled and settled
+            held["before"] = info(device)["current"]
+            tf.config.experimental.reset_memory_stats(device)
+
+    def end(batch, logs=None):
+        if batch == 1:
+            float(logs["loss"])   # the step is done
+            held["peak"] = info(device)["peak"]
+
+    xb, yb = x[:batch_size], y[:batch_size]
+    model.fit(np.concatenate([xb] * 2), np.concatenate([yb] * 2), batch_size=len(xb), epochs=1,
+              shuffle=False, verbose=0, callbacks=[keras.callbacks.LambdaCallback(
+                  on_train_batch_begin=begin, on_train_batch_end=end)])
+    return max(held["peak"] - held["before"], 0)
 
 
 def compare_step_times(models: dict, x, y, batch_size, steps=30, warmup=3, rounds=None,
