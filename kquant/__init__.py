@@ -6,9 +6,9 @@ estimator (:mod:`kquant.estimators`, entry-point group ``kquant.estimators``).
 
 ``import kquant`` registers every kquant Keras-serializable class (layers,
 quantizers, ALQ, optimizers), so ``keras.saving.load_model`` reloads kquant
-models after a plain ``import kquant``. Only the ``kquant`` console script
-skips that (its commands import what they use), so ``kquant --help`` does not
-import Keras or a backend. Submodules and top-level names resolve lazily
+models after a plain ``import kquant``. Only the ``kquant`` console script (and
+``python -m kquant.cli``) skips that (its commands import what they use), so
+``kquant --help`` does not import Keras or a backend. Submodules and top-level names resolve lazily
 (PEP 562).
 """
 
@@ -76,22 +76,26 @@ def register_serializables() -> None:
 
 
 def _launched_as_cli() -> bool:
-    """Whether this process is the ``kquant`` console script."""
+    """Whether this process is the ``kquant`` console script or ``python -m kquant.cli``."""
     import os
     import sys
 
     argv0 = sys.argv[0] if sys.argv else ""
-    return os.path.splitext(os.path.basename(argv0))[0] == "kquant"
+    return os.path.splitext(os.path.basename(argv0))[0] == "kquant" or _module_run() == "kquant.cli"
 
 
-def _launched_as_entry_point() -> bool:
-    """The ``kquant`` console script, or ``python -m`` of kquant's CLI or benchmarks
-    (``sys.orig_argv``: during ``-m``'s package import ``sys.argv[0]`` is ``"-m"``)."""
+def _module_run():
+    """The module of ``python -m MODULE``, or ``None`` (``sys.orig_argv``: during ``-m``'s
+    package import ``sys.argv[0]`` is ``"-m"``)."""
     import sys
 
     argv = list(getattr(sys, "orig_argv", []))
-    module = argv[argv.index("-m") + 1] if "-m" in argv[:-1] else None
-    return _launched_as_cli() or module in ENTRY_MODULES
+    return argv[argv.index("-m") + 1] if "-m" in argv[:-1] else None
+
+
+def _launched_as_entry_point() -> bool:
+    """The ``kquant`` console script, or ``python -m`` of kquant's CLI or benchmarks."""
+    return _launched_as_cli() or _module_run() in ENTRY_MODULES
 
 
 #: ``python -m`` modules that are kquant entry points (they get :func:`kquant.runtime.configure`)

@@ -511,6 +511,12 @@ def test_cli_benchmark_times_help_without_heavy_imports(tiny_run):
     assert {"kquant --help", "import kquant"} <= set(rows)
     assert all(0 < r["min_s"] <= r["median_s"] <= r["max_s"] for r in rows.values())
     assert result.meta["heavy_modules_imported_by_help"] == []
+    # the row named `kquant --help` runs the console script (or its `python -m` form)
+    from kquant.benchmarks import cli
+
+    assert rows["kquant --help"]["argv"] in ("kquant --help", f"{pathlib.Path(sys.executable).name}"
+                                                             " -m kquant.cli --help")
+    assert cli.COMMANDS["kquant --help"][-1] == "--help"
 
 
 def test_out_dir_is_checked_before_any_benchmark_runs(fake_suite, tmp_path, monkeypatch):

@@ -1,16 +1,20 @@
 """Start-up time of the command line: ``kquant --help`` and ``import kquant``.
 
-Each command runs in a fresh interpreter (``python -m kquant.cli --help``,
-``python -c "import kquant"``), timed from the outside; the row also says
-whether Keras or a backend was imported (it must not be: the package and
-the CLI import lazily). Runs: 3 (tiny), 10 (quick), 30 (full); ``kquant
-estimators`` (which loads Keras and the backend) only at ``--full`` or with
+Each command runs in a fresh interpreter, timed from the outside: ``kquant --help``
+is the installed console script beside this interpreter (``python -m kquant.cli
+--help``, the same start-up, where none is installed), and must import neither
+Keras nor a backend (the row says which it imported; the package and the CLI
+import lazily); ``import kquant`` registers kquant's Keras-serializable classes
+(so that ``keras.saving.load_model`` works after it) and so loads Keras and the
+backend by design. Runs: 3 (tiny), 10 (quick), 30 (full); ``kquant estimators``
+(which loads Keras and the backend) only at ``--full`` or with
 ``-o estimators=true``.
 """
 
 from __future__ import annotations
 
 import os
+import pathlib
 import statistics
 import subprocess
 import sys
@@ -26,18 +30,21 @@ OPTIONS = {
 
 HEAVY = ("keras", "tensorflow", "jax", "torch")
 
+def console_script() -> list[str]:
+    """The ``kquant`` console script installed beside this interpreter, or, where there
+    is none (a source checkout on ``PYTHONPATH``), ``python -m kquant.cli``."""
+    for name in ("kquant", "kquant.exe"):
+        script = pathlib.Path(sys.executable).parent / name
+        if script.is_file():
+            return [str(script)]
+    return [sys.executable, "-m", "kquant.cli"]
+
+
 COMMANDS = {
-    "kquant --help": [sys.executable, "-m", "kquant.cli", "--help"],
+    "kquant --help": [*console_script(), "--help"],
     "import kquant": [sys.executable, "-c", "import kquant"],
-    "kquant estimators": [sys.executable, "-m", "kquant.cli", "estimators"],
+    "kquant estimators": [*console_script(), "estimators"],
 }
-
-_PROBE = ("import runpy, sys\n"
-          "sys.argv = ['kquant', '--help']\n"
-          "try:\n    runpy.run_module('kquant.cli', run_name='__main__')\n"
-          "except SystemExit:\n    pass\n"
-          "print('HEAVY=' + ','.join(m for m in {heavy!r} if m in sys.modules), file=sys.stderr)\n")
-
 
 def _time(argv, runs):
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
@@ -50,11 +57,15 @@ def _time(argv, runs):
 
 
 def heavy_modules_at_help() -> list[str]:
-    """Heavy modules (Keras, backends) imported by ``kquant --help`` (should be none)."""
-    out = subprocess.run([sys.executable, "-c", _PROBE.format(heavy=HEAVY)],
-                         capture_output=True, text=True, check=True)
-    line = [x for x in out.stderr.splitlines() if x.startswith("HEAVY=")][-1]
-    return [m for m in line[len("HEAVY="):].split(",") if m]
+    """Heavy modules (Keras, backends) that the timed ``kquant --help`` command imports
+    (should be none), read from ``python -X importtime`` running that same command."""
+    argv = COMMANDS["kquant --help"]
+    argv = argv[1:] if argv[0] == sys.executable else argv   # the script, or -m kquant.cli
+    out = subprocess.run([sys.executable, "-X", "importtime", *argv], capture_output=True,
+                         text=True, check=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    imported = {line.rsplit("|", 1)[-1].strip().split(".")[0]
+                for line in out.stderr.splitlines() if line.startswith("import time:")}
+    return [m for m in HEAVY if m in imported]
 
 
 def run(cfg):
@@ -68,10 +79,11 @@ def run(cfg):
     for label, argv in commands.items():
         times = _time(argv, runs)
         rows.append({"command": label, "median_s": statistics.median(times), "min_s": min(times),
-                     "max_s": max(times), "runs": runs})
+                     "max_s": max(times), "runs": runs, "argv": " ".join(
+                         pathlib.Path(argv[0]).name if i == 0 else a for i, a in enumerate(argv))})
     return Result(
         "cli", rows,
         meta={"heavy_modules_imported_by_help": heavy,
               "note": "wall time of a fresh interpreter per run, start-up included"},
-        columns=["command", "median_s", "min_s", "max_s", "runs"],
+        columns=["command", "argv", "median_s", "min_s", "max_s", "runs"],
     )
