@@ -109,15 +109,10 @@ def _timing_rows(float_model, x, y, cfg, s):
                 row["peak_mib"] = peak[(bits, phase)] / MIB
                 row["peak_minus_adam_mib"] = (peak[(bits, phase)] - peak["adam"]) / MIB
                 if phase == "bases":  # what a [G, n, 2^I] float32 distance tensor would hold
-                    row["distance_tensor_mib"] = _weights(timed[(bits, phase)]) * 2**bits * 4 / MIB
+                    weights = storage_table(timed[(bits, phase)])[-1]["weights"]
+                    row["distance_tensor_mib"] = weights * 2**bits * 4 / MIB
             rows.append(row)
     return rows
-
-
-def _weights(model) -> int:
-    """Quantized weights of an ALQ model (``G·n`` summed over its layers)."""
-    return sum(int(layer.bases.shape[0]) * int(layer.bases.shape[1])
-               for layer in alq_layers(model))
 
 
 def run(cfg: BenchConfig) -> Result:

@@ -60,12 +60,17 @@ def heavy_modules_at_help() -> list[str]:
     """Heavy modules (Keras, backends) that the timed ``kquant --help`` command imports
     (should be none), read from ``python -X importtime`` running that same command."""
     argv = COMMANDS["kquant --help"]
-    argv = argv[1:] if argv[0] == sys.executable else argv   # the script, or -m kquant.cli
-    out = subprocess.run([sys.executable, "-X", "importtime", *argv], capture_output=True,
-                         text=True, check=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
-    imported = {line.rsplit("|", 1)[-1].strip().split(".")[0]
-                for line in out.stderr.splitlines() if line.startswith("import time:")}
+    imported = imported_packages(argv[1:] if argv[0] == sys.executable else argv)
     return [m for m in HEAVY if m in imported]
+
+
+def imported_packages(args) -> set[str]:
+    """Top-level packages that ``python -X importtime ARGS`` (a script or ``-m MODULE``
+    with its arguments) imports, from the timings it writes to stderr."""
+    out = subprocess.run([sys.executable, "-X", "importtime", *args], capture_output=True,
+                         text=True, check=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    return {line.rsplit("|", 1)[-1].strip().split(".")[0]
+            for line in out.stderr.splitlines() if line.startswith("import time:")}
 
 
 def run(cfg):
