@@ -27,6 +27,8 @@ from keras import ops
 
 from kquant.xla import in_xla, variadic_sum
 
+_BITS = {"float16": "int16", "bfloat16": "int16", "float32": "int32", "float64": "int64"}
+
 FOLD = 8  # rows of the first, major-axis reduction (4–16 measured alike; 32 slower)
 
 
@@ -74,3 +76,42 @@ def total_sums(*xs):
         return tuple(total_sum(x) for x in xs)
     rows = variadic_sum([ops.reshape(x, (FOLD, size // FOLD)) for x in xs], axis=0)
     return tuple(total_sum(r) for r in rows)
+
+
+
+def ynn_reduces() -> bool:
+    """Backend seam: whether JAX's XLA:CPU compiles the step. JAX 0.10 hands a whole
+    reduction to YNNPACK, which takes the element-wise producer fused only when it is
+    read by nothing else (else it is written out first) and never fuses a compare,
+    a clamp or a broadcast constant; the forms below keep to what it fuses."""
+    if keras.backend.backend() != "jax":
+        return False
+    import jax
+
+    return jax.default_backend() == "cpu"
+
+
+def max_abs(x):
+    """``max |x|`` over every element (a scalar). Under JAX's XLA:CPU as
+    ``max(max x, −min x)``: two reads of ``x`` and no ``|x|`` tensor, which XLA
+    otherwise shares with the other readers of ``|x|`` and writes out."""
+    x = ops.convert_to_tensor(x)
+    if ynn_reduces():
+        return ops.maximum(ops.max(x), -ops.min(x))
+    return total_max(ops.abs(x))
+
+
+def count_of_max(x, big):
+    """``#{|x| = big}`` for ``big = max|x|``, exactly (``1`` where ``big`` is below
+    10⁻³⁰), as one sum YNNPACK fuses: with ``p`` the float just below ``big`` (its bits
+    minus one), ``max(|x|, p) − p`` is ``big − p`` at a tie and 0 elsewhere, so the sum
+    is the count times that power of two, exactly (below 2²⁴ ties; no product is formed
+    that a fused multiply-add could round differently). Under JAX's XLA:CPU: one read
+    of ``x`` instead of a 0/1 tensor written out and read back."""
+    x, big = ops.convert_to_tensor(x), ops.convert_to_tensor(big)
+    normal = big >= 1e-30
+    top = ops.where(normal, big, 1.0)
+    bits = _BITS[keras.backend.standardize_dtype(top.dtype)]
+    below = ops.view(ops.view(top, bits) - 1, top.dtype)
+    total = total_sum(ops.maximum(ops.abs(x), below) - below)
+    return ops.where(normal, total / (top - below), 1.0)

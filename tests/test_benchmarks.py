@@ -593,3 +593,20 @@ def test_recorded_command_names_a_non_default_backend(monkeypatch):
     monkeypatch.setattr(keras.backend, "backend", lambda: "jax")
     assert format_command(["overhead", "-o", "timing_steps=60"]) == (
         "KERAS_BACKEND=jax python -m benchmarks overhead -o timing_steps=60")
+
+
+@pytest.mark.core
+def test_recorded_command_names_a_repository_output_folder(tmp_path):
+    """A results folder of the repository (``--out-dir benchmarks/results/jax_cpu``) is part
+    of the command that reproduces it; the default folder and a machine's absolute path
+    are not written."""
+    from kquant.benchmarks.__main__ import _rebuild_argv
+    from kquant.benchmarks.common import BenchConfig
+
+    def argv(out_dir):
+        return _rebuild_argv("overhead", BenchConfig(out_dir=out_dir), ["timing_steps=60"])
+
+    assert argv("benchmarks/results/jax_cpu") == [
+        "overhead", "--quick", "--out-dir", "benchmarks/results/jax_cpu", "-o", "timing_steps=60"]
+    assert argv("benchmarks/results") == ["overhead", "--quick", "-o", "timing_steps=60"]
+    assert "--out-dir" not in argv(str(tmp_path))

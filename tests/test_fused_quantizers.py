@@ -72,6 +72,25 @@ def test_total_sums_equal_numpy(shape, mode):
     assert float(ops.convert_to_numpy(got[2])) == xs[2].sum()        # counts exact
 
 
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("ties", [1, 2, 5])
+def test_max_abs_and_count_of_max_are_exact(ties, mode):
+    """``max_abs`` is ``max|x|`` and ``count_of_max`` the number of ``|x|`` equal to it,
+    both exactly: ties of either sign, a value one float below the maximum (not a tie),
+    and an all-zero tensor (count 1 by definition)."""
+    rng = np.random.default_rng(ties)
+    x = rng.normal(size=(64, 48)).astype("float32")
+    top = np.float32(np.abs(x).max() + 0.25)
+    x.flat[rng.choice(x.size, ties, replace=False)] = top * np.array([1, -1] * 3)[:ties]
+    x.flat[np.argmin(np.abs(x))] = np.nextafter(top, np.float32(0))   # just below: no tie
+    fn = _run(lambda v: (reductions.max_abs(v), reductions.count_of_max(v, reductions.max_abs(v))),
+              mode)
+    big, count = (float(ops.convert_to_numpy(r)) for r in fn(ops.convert_to_tensor(x)))
+    assert big == top and count == ties
+    zero, one = (float(ops.convert_to_numpy(r)) for r in fn(ops.zeros((64, 48))))
+    assert zero == 0.0 and one == 1.0
+
+
 @pytest.mark.tf_only
 def test_total_sums_are_one_reduce_under_tensorflow_xla():
     """Under TF's XLA the folded tensors of ``total_sums`` are read by one (variadic) reduce."""

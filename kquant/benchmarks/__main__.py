@@ -7,6 +7,7 @@ and, from the repository root, ``python -m benchmarks`` forward here.
 from __future__ import annotations
 
 import json
+import pathlib
 import time
 import traceback
 
@@ -14,6 +15,7 @@ import click
 
 STRATEGY_CHOICES = ("default", "mirrored", "tpu", "data_parallel")
 DATASET_CHOICES = ("digits", "mnist", "fashion_mnist", "cifar10")
+DEFAULT_OUT_DIR = "benchmarks/results"
 
 
 def _parse_options(pairs):
@@ -46,7 +48,7 @@ def _parse_options(pairs):
               help="quick: minutes on a 2-core CPU; full: the papers' scale (GPU/TPU).")
 @click.option("--tiny", is_flag=True, help="Smoke-test scale (seconds), as in the test suite.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--out-dir", type=click.Path(file_okay=False), default="benchmarks/results",
+@click.option("--out-dir", type=click.Path(file_okay=False), default=DEFAULT_OUT_DIR,
               show_default=True, help="Results go to OUT_DIR/NAME/.")
 @click.option("--max-train", type=click.IntRange(min=1), default=None,
               help="Use at most this many training examples.")
@@ -136,6 +138,9 @@ def _rebuild_argv(name, cfg, options):
         argv += ["--seed", str(cfg.seed)]
     if cfg.max_train is not None:
         argv += ["--max-train", str(cfg.max_train)]
+    out_dir = pathlib.PurePath(cfg.out_dir)
+    if not out_dir.is_absolute() and out_dir != pathlib.PurePath(DEFAULT_OUT_DIR):
+        argv += ["--out-dir", out_dir.as_posix()]   # a folder of the repository
     for pair in options:
         argv += ["-o", pair]
     return argv

@@ -11,7 +11,7 @@ from keras import ops
 
 from kquant.quantizers.base import Quantizer, apply_slope, check_bits
 from kquant.quantizers.fused import one_input
-from kquant.reductions import total_max, total_sums
+from kquant.reductions import count_of_max, max_abs, total_sum, total_sums, ynn_reduces
 from kquant.staircase import Staircase
 
 
@@ -55,7 +55,7 @@ class DoReFa(Quantizer):
 
         def forward(x):
             t = ops.tanh(x)
-            big = total_max(ops.abs(t))
+            big = max_abs(t)
             z = k * (t / (2.0 * ops.maximum(big, 1e-12)) + 0.5)
             return (2.0 * st.hard(z) - k) / k, big
 
@@ -63,12 +63,17 @@ class DoReFa(Quantizer):
             t = ops.tanh(x)
             two_m = 2.0 * ops.maximum(big, 1e-12)
             g_s = apply_slope(g, slope, lambda: st.distance(k * (t / two_m + 0.5)))  # g_w = 2·g_s
-            ties = ops.cast(ops.abs(t) == big, t.dtype)
-            # one pass; the constant factors stay outside (a constant inside the sum is a
-            # whole broadcast tensor to JAX's XLA:CPU, written out before its reduction)
-            pull, count = total_sums(g_s * t, ties)
+            # the constant factors stay outside the sums (a constant inside one is a whole
+            # broadcast tensor to JAX's XLA:CPU, written out before its reduction)
+            if ynn_reduces():   # sums YNNPACK fuses: no 0/1 tensor written (1.60 → 1.46×)
+                pull, count = total_sum(g_s * t), count_of_max(t, big)
+                signed_ties = ops.cast(t == big, t.dtype) - ops.cast(t == -big, t.dtype)
+            else:               # one pass (a variadic reduce under TensorFlow's XLA)
+                ties = ops.cast(ops.abs(t) == big, t.dtype)
+                pull, count = total_sums(g_s * t, ties)
+                signed_ties = ops.sign(t) * ties
             g_big = ops.where(big >= 1e-12, -4.0 * pull / (two_m * two_m), 0.0)
-            g_t = g_s * (2.0 / two_m) + ops.sign(t) * ties * (g_big / count)
+            g_t = g_s * (2.0 / two_m) + signed_ties * (g_big / ops.maximum(count, 1.0))
             return g_t * (1.0 - t * t)
 
         return one_input(forward, backward, x, training)
