@@ -78,7 +78,6 @@ def total_sums(*xs):
     return tuple(total_sum(r) for r in rows)
 
 
-
 def ynn_reduces() -> bool:
     """Backend seam: whether JAX's XLA:CPU compiles the step. JAX 0.10 hands a whole
     reduction to YNNPACK, which takes the element-wise producer fused only when it is

@@ -25,6 +25,7 @@ from keras import ops
 from kquant.quantizers import channels
 from kquant.quantizers.base import Quantizer
 from kquant.quantizers.fused import masked_mean, mean_abs, scaled_staircase
+from kquant.reductions import ynn_reduces
 from kquant.staircase import Staircase
 from kquant.validation import check_bool, check_number
 
@@ -109,7 +110,10 @@ class TWN(_Ternary):
     def statistics(self, x, axes):
         d = 2.0 * ops.maximum(self.threshold_factor * mean_abs(x, axes), 1e-12)
         kept = ops.cast(ops.abs(self.staircase.hard(x * (1.0 / d))) > 0, x.dtype)
-        return masked_mean(ops.abs(x), kept, axes), d
+        # |x| as max(x, −x) under JAX's XLA:CPU: an op of its own, not one |x| that the
+        # mean above also reads, which XLA would write out as a whole tensor
+        magnitude = ops.maximum(x, -x) if ynn_reduces() else ops.abs(x)
+        return masked_mean(magnitude, kept, axes), d
 
     def get_config(self):
         return {**super().get_config(), "threshold_factor": self.threshold_factor}
