@@ -27,8 +27,6 @@ from keras import ops
 
 from kquant.xla import in_xla, variadic_sum
 
-_BITS = {"float16": "int16", "bfloat16": "int16", "float32": "int32", "float64": "int64"}
-
 FOLD = 8  # rows of the first, major-axis reduction (4–16 measured alike; 32 slower)
 
 
@@ -102,15 +100,37 @@ def max_abs(x):
 
 def count_of_max(x, big):
     """``#{|x| = big}`` for ``big = max|x|``, exactly (``1`` where ``big`` is below
-    10⁻³⁰), as one sum YNNPACK fuses: with ``p`` the float just below ``big`` (its bits
-    minus one), ``max(|x|, p) − p`` is ``big − p`` at a tie and 0 elsewhere, so the sum
-    is the count times that power of two, exactly (below 2²⁴ ties; no product is formed
-    that a fused multiply-add could round differently). Under JAX's XLA:CPU: one read
-    of ``x`` instead of a 0/1 tensor written out and read back."""
+    10⁻³⁰), as one sum YNNPACK fuses: with ``p`` the float just below ``big``
+    (:func:`float_below`), ``max(|x|, p) − p`` is ``big − p`` at a tie and 0 elsewhere,
+    so the sum is the count times that power of two, exactly (below 2²⁴ ties; ``p`` is
+    not formed as ``big·(1 − 2⁻²⁴)``, which XLA contracts with ``big − p`` into one
+    fused multiply-add of another value). Under JAX's XLA:CPU: one read of ``x`` instead
+    of a 0/1 tensor written out and read back."""
     x, big = ops.convert_to_tensor(x), ops.convert_to_tensor(big)
     normal = big >= 1e-30
     top = ops.where(normal, big, 1.0)
-    bits = _BITS[keras.backend.standardize_dtype(top.dtype)]
-    below = ops.view(ops.view(top, bits) - 1, top.dtype)
+    below = float_below(top)
     total = total_sum(ops.maximum(ops.abs(x), below) - below)
     return ops.where(normal, total / (top - below), 1.0)
+
+
+def float_below(x):
+    """Backend seam: the float next to each element of ``x`` towards 0 (``nextafter``)."""
+    x = ops.convert_to_tensor(x)
+    backend = keras.backend.backend()
+    if backend == "jax":
+        from jax import lax
+
+        return lax.nextafter(x, ops.zeros_like(x))
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return tf.math.nextafter(x, tf.zeros_like(x))
+    if backend == "torch":
+        import torch
+
+        return torch.nextafter(x, torch.zeros_like(x))
+    import numpy as np
+
+    x = ops.convert_to_numpy(x)
+    return ops.convert_to_tensor(np.nextafter(x, np.zeros_like(x)))
