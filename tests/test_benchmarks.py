@@ -228,6 +228,9 @@ def check_alq_rows(meta, rows):
     assert bases == set(s["timing_bits"])
     coordinates = {t for t in timed if "coordinates" in t}
     assert all(f"I_max={min(6, max(s['timing_bits']))}" in t for t in coordinates) and coordinates
+    for row in rows:   # memory O(n·I): no [G, n, 2^I] distance tensor (where measured, I ≥ 4)
+        if row.get("distance_tensor_mib") and "I_max=2 " not in row["stage"] + " ":
+            assert row["peak_minus_adam_mib"] < row["distance_tensor_mib"] / 2, row
 
 
 @pytest.mark.slow  # on JAX, the data_parallel run of every benchmark covers this
@@ -237,10 +240,10 @@ def test_alq_rows_train_their_labelled_schedule(tiny_run):
 
 
 def test_committed_alq_results_are_what_their_rows_say():
-    """The committed quick results (and the GPU timing run) pass the same checks: the
+    """The committed quick results (and the GPU and JAX-CPU timing runs) pass the same checks: the
     float baseline converged, every round ran its labelled phases and lrs, and the bits
     followed the schedule to the target."""
-    folders = [ROOT / "benchmarks" / "results" / "alq", ROOT / "benchmarks" / "results" / "h100" / "alq"]
+    folders = [ROOT / "benchmarks" / "results" / sub / "alq" for sub in (".", "h100", "jax_cpu")]
     for folder in folders:
         saved = json.loads((folder / "results.json").read_text())
         check_alq_rows(saved["meta"], saved["rows"])

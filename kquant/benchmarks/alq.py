@@ -11,9 +11,10 @@ search it runs, :func:`kquant.alq.steps.resolve_search`) and of the
 coordinates step (I_max 6) is measured as a ratio to an Adam step on the
 float model, all interleaved in one process
 (:func:`~kquant.benchmarks.common.compare_step_times`), without and with XLA,
-and so is its memory: the peak a settled step allocates (``peak_mib``, the
-allocator's statistics, :func:`~kquant.benchmarks.common.step_peak_bytes`;
-TensorFlow only), beyond the Adam step's (``peak_minus_adam_mib``), beside what
+and so is its memory: the peak a settled step allocates (``peak_mib``,
+:func:`~kquant.benchmarks.common.step_peak_bytes`: TensorFlow's allocator
+statistics; on JAX the temporaries XLA assigns to the compiled step; torch: none),
+beyond the Adam step's (``peak_minus_adam_mib``), beside what
 one ``[G, n, 2^I]`` float32 distance tensor would hold (``distance_tensor_mib``,
 the authors' search, which ours never builds).
 

@@ -451,13 +451,17 @@ def timed_fit_steps(model, x, y, batch_size, steps):
 
 def step_peak_bytes(model, x, y, batch_size):
     """Bytes one settled training step of ``model.fit`` allocates at its peak beyond
-    what the device held before it, from the allocator's own statistics, or ``None``
-    where none are kept (backend seam: TensorFlow's BFC allocator, on a GPU or on a
-    CPU with ``TF_CPU_ALLOCATOR_USE_BFC=true``, which the harness sets through
-    :mod:`kquant.runtime`; JAX and torch keep no resettable peak). XLA's temporaries
-    and every tensor a step holds at once are counted; where TensorFlow runs a graph's
-    ops concurrently (no XLA) the peak depends on their order (LeNet5 ALQ steps: up to
-    3.5 MiB apart between runs)."""
+    what the device held before it, or ``None`` where that is not known (backend seam).
+    TensorFlow: from its BFC allocator's statistics, on a GPU or on a CPU with
+    ``TF_CPU_ALLOCATOR_USE_BFC=true``, which the harness sets through
+    :mod:`kquant.runtime`; XLA's temporaries and every tensor a step holds at once are
+    counted; where TensorFlow runs a graph's ops concurrently (no XLA) the peak depends
+    on their order (LeNet5 ALQ steps: up to 3.5 MiB apart between runs). JAX (which
+    keeps no resettable peak): the temporaries XLA assigns to the compiled train step
+    (``memory_analysis().temp_size_in_bytes``; its new state reuses the donated old
+    one). Torch: ``None``."""
+    if keras.backend.backend() == "jax":
+        return _jax_step_temp_bytes(model, x[:batch_size], y[:batch_size])
     if keras.backend.backend() != "tensorflow":
         return None
     import tensorflow as tf
@@ -485,6 +489,22 @@ def step_peak_bytes(model, x, y, batch_size):
               shuffle=False, verbose=0, callbacks=[keras.callbacks.LambdaCallback(
                   on_train_batch_begin=begin, on_train_batch_end=end)])
     return max(held["peak"] - held["before"], 0)
+
+
+def _jax_step_temp_bytes(model, x, y):
+    """XLA's temporary bytes for ``model``'s train step on this batch (JAX), compiled as
+    Keras compiles it (its state donated), or ``None`` where Keras' trainer does not
+    expose that step (its ``train_step(state, data)``)."""
+    import jax
+
+    model.fit(x, y, batch_size=len(x), epochs=1, shuffle=False, verbose=0)   # builds the state
+    try:
+        state = model._get_jax_state(trainable_variables=True, non_trainable_variables=True,
+                                     optimizer_variables=True, metrics_variables=True)
+        compiled = jax.jit(model.train_step, donate_argnums=0).lower(state, (x, y)).compile()
+        return int(compiled.memory_analysis().temp_size_in_bytes)
+    except (AttributeError, TypeError):   # another Keras trainer
+        return None
 
 
 def compare_step_times(models: dict, x, y, batch_size, steps=30, warmup=3, rounds=None,
