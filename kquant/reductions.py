@@ -16,6 +16,11 @@ form fast (``max|W|`` 1.2 ms, ``Σ g·tanh W`` 3.7 ms) and the folded one
 the plain reduction. The values of these functions
 are meant for custom gradients: autodiff of a folded maximum would not split
 the gradient over ties the way ``ops.max`` does.
+
+JAX's XLA:CPU (:func:`ynn_reduces`) runs whole reductions as YNNPACK fusions,
+which write out any operand they cannot fuse: :func:`max_abs` and
+:func:`count_of_max` are written in forms they take whole (Dense 2048 train
+step, both forms in one process: ``benchmarks/results/jax_cpu/forms_ab.md``).
 """
 
 from __future__ import annotations

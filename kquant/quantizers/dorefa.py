@@ -65,7 +65,7 @@ class DoReFa(Quantizer):
             g_s = apply_slope(g, slope, lambda: st.distance(k * (t / two_m + 0.5)))  # g_w = 2·g_s
             # the constant factors stay outside the sums (a constant inside one is a whole
             # broadcast tensor to JAX's XLA:CPU, written out before its reduction)
-            if ynn_reduces():   # sums YNNPACK fuses: no 0/1 tensor written (1.60 → 1.46×)
+            if ynn_reduces():   # sums YNNPACK fuses: no 0/1 tensor written out
                 pull, count = total_sum(g_s * t), count_of_max(t, big)
                 signed_ties = ops.cast(t == big, t.dtype) - ops.cast(t == -big, t.dtype)
             else:               # one pass (a variadic reduce under TensorFlow's XLA)

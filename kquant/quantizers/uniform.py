@@ -161,7 +161,8 @@ class Uniform(Quantizer):
             if ynn_reduces() and len(step.shape) == 0:
                 # never true: a select YNNPACK does not fuse, so XLA computes the terms in
                 # one loop and writes them once, instead of writing q, z and g_s out for
-                # a sum that fuses only their products (Dense 2048 HTGE: 1.64 → 1.33×)
+                # a sum that fuses only their products (Dense 2048 HTGE: 1.68 → 1.38× float,
+                # benchmarks/results/jax_cpu/forms_ab.md)
                 terms = ops.where(terms > float("inf"), 0.0, terms)
             g_step = sum_to(terms, step)
             # never true (nothing exceeds +inf; NaN neither): x's gradient now reads Σ's
