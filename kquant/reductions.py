@@ -17,7 +17,7 @@ the plain reduction. The values of these functions
 are meant for custom gradients: autodiff of a folded maximum would not split
 the gradient over ties the way ``ops.max`` does.
 
-JAX's XLA:CPU (:func:`ynn_reduces`) runs whole reductions as YNNPACK fusions,
+JAX's XLA:CPU (:func:`kquant.xla.ynn_reduces`) runs whole reductions as YNNPACK fusions,
 which write out any operand they cannot fuse: :func:`max_abs` and
 :func:`count_of_max` are written in forms they take whole (Dense 2048 train
 step, both forms in one process: ``benchmarks/results/jax_cpu/forms_ab.md``).
@@ -30,7 +30,7 @@ import math
 import keras
 from keras import ops
 
-from kquant.xla import in_xla, variadic_sum
+from kquant.xla import in_xla, variadic_sum, ynn_reduces
 
 FOLD = 8  # rows of the first, major-axis reduction (4–16 measured alike; 32 slower)
 
@@ -81,18 +81,6 @@ def total_sums(*xs):
     return tuple(total_sum(r) for r in rows)
 
 
-def ynn_reduces() -> bool:
-    """Backend seam: whether JAX's XLA:CPU compiles the step. JAX 0.10 hands a whole
-    reduction to YNNPACK, which takes the element-wise producer fused only when it is
-    read by nothing else (else it is written out first) and never fuses a compare,
-    a clamp or a broadcast constant; the forms below keep to what it fuses."""
-    if keras.backend.backend() != "jax":
-        return False
-    import jax
-
-    return jax.default_backend() == "cpu"
-
-
 def max_abs(x):
     """``max |x|`` over every element (a scalar). Under JAX's XLA:CPU as
     ``max(max x, −min x)``: two reads of ``x`` and no ``|x|`` tensor, which XLA
@@ -117,6 +105,17 @@ def count_of_max(x, big):
     below = float_below(top)
     total = total_sum(ops.maximum(ops.abs(x), below) - below)
     return ops.where(normal, total / (top - below), 1.0)
+
+
+def written_once(x):
+    """``x`` itself; under JAX's XLA:CPU computed in one loop and written out once
+    before the sums that read it: a select that never fires (nothing exceeds +inf;
+    NaN neither) is an op YNNPACK does not fuse, so XLA stops there instead of writing
+    out each operand of ``x`` for a sum that fuses only their products (HTGE's
+    step-gradient terms: ``q``, ``z`` and ``F'·g``; TWN's kept mask and values)."""
+    if not ynn_reduces():
+        return x
+    return ops.where(x > float("inf"), 0.0, x)
 
 
 def float_below(x):

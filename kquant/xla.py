@@ -26,6 +26,21 @@ def in_xla() -> bool:
     return False
 
 
+def ynn_reduces() -> bool:
+    """Backend seam: whether JAX's XLA:CPU compiles the step. JAX 0.10 hands a whole
+    reduction to YNNPACK, which takes the element-wise producer fused only when it is
+    read by nothing else (else it is written out first) and never fuses a compare,
+    a clamp or a broadcast constant: :mod:`kquant.reductions` and the quantizers
+    then pick forms it fuses."""
+    import keras
+
+    if keras.backend.backend() != "jax":
+        return False
+    import jax
+
+    return jax.default_backend() == "cpu"
+
+
 def compile_with_xla(fn):
     """Backend seam: ``fn`` (a function of tensors; it may read and assign variables
     it closes over), run XLA-compiled where the step around it is not: TensorFlow

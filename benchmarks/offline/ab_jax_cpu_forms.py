@@ -1,6 +1,6 @@
 """A/B of the quantizers' JAX-CPU forms against the forms every other backend uses.
 
-``kquant.reductions.ynn_reduces()`` picks, under JAX's XLA:CPU, reductions that its
+``kquant.xla.ynn_reduces()`` picks, under JAX's XLA:CPU, reductions that its
 YNNPACK fusions take whole (DoReFa's ``max|tanh W|`` and tie count, HTGE's
 step-gradient terms, TWN's masked mean). This script builds each Dense 2048 model
 twice, once traced with those forms and once with the others, and times all of them
@@ -27,9 +27,10 @@ import kquant.quantizers.uniform  # noqa: E402,F401
 from kquant.benchmarks import overhead  # noqa: E402
 from kquant.benchmarks.common import compare_step_times, timed_fit_steps  # noqa: E402
 
+# the modules that read `ynn_reduces` (each binds its own name; reductions' serves
+# `max_abs`, `count_of_max` and `written_once`, the last for HTGE's and TWN's sums)
 MODULES = [sys.modules[name] for name in (
-    "kquant.reductions", "kquant.quantizers.dorefa", "kquant.quantizers.uniform",
-    "kquant.quantizers.ternary", "kquant.quantizers.fused")]
+    "kquant.reductions", "kquant.quantizers.dorefa", "kquant.quantizers.ternary")]
 ROWS = [("float", "float", None), ("floor_tanh_w", "floor_tanh_w", None),
         ("floor_pass_w", "floor_pass_w", None)] + [
     (f"{variant}:{form}", variant, form == "jax_cpu")

@@ -11,8 +11,9 @@ from keras import ops
 
 from kquant.quantizers.base import Quantizer, apply_slope, check_bits
 from kquant.quantizers.fused import one_input
-from kquant.reductions import count_of_max, max_abs, total_sum, total_sums, ynn_reduces
+from kquant.reductions import count_of_max, max_abs, total_sum, total_sums
 from kquant.staircase import Staircase
+from kquant.xla import ynn_reduces
 
 
 class DoReFa(Quantizer):

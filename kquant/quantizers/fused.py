@@ -19,7 +19,7 @@ from keras import ops
 
 from kquant.estimators.base import as_tensor
 from kquant.quantizers.base import apply_slope
-from kquant.reductions import _fold_here, total_sum, total_sums, ynn_reduces
+from kquant.reductions import _fold_here, total_sum, total_sums, written_once
 from kquant.xla import compiled_in_graph
 
 
@@ -93,8 +93,7 @@ def mean_abs(x, axes=None):
 def masked_mean(values, mask, axes=None):
     """``Σ values·mask / max(Σ mask, 1)`` over ``axes`` (``None``: the whole tensor)."""
     if axes is None:
-        if ynn_reduces():   # never true: one 0/1 tensor written, both sums fuse its product
-            mask = ops.where(mask > float("inf"), 0.0, mask)
+        mask = written_once(mask)   # JAX's CPU: both sums fuse its product
         total, count = total_sums(values * mask, mask)   # one pass
     else:
         total = ops.sum(values * mask, axis=axes, keepdims=True)

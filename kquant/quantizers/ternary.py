@@ -25,9 +25,9 @@ from keras import ops
 from kquant.quantizers import channels
 from kquant.quantizers.base import Quantizer
 from kquant.quantizers.fused import masked_mean, mean_abs, scaled_staircase
-from kquant.reductions import ynn_reduces
 from kquant.staircase import Staircase
 from kquant.validation import check_bool, check_number
+from kquant.xla import ynn_reduces
 
 _TERNARY = Staircase(-1.0, 1.0)
 
