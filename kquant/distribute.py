@@ -122,11 +122,13 @@ def unless(skip, compute, zeros):
     ``zeros`` (a list of the same shapes and dtypes): for a statistic needed only until
     it is stored. Backend seam: in a TensorFlow graph outside XLA nothing is computed
     when skipped (a loop run 0 or 1 times; Dense 2048 2-bit learned-step HTGE train
-    step 1.74 → 1.61× float); elsewhere the result is computed and masked: XLA turns
-    a conditional of element-wise ops and reductions into a select of both anyway (and
-    a loop measured no faster on CPU), and a branch on a GPU would wait for the
-    predicate on the host. Keep collectives out of ``compute`` (all-reduce after):
-    ``tf.distribute`` cannot synchronise replicas inside a branch."""
+    step 1.74 → 1.61× float); elsewhere the result is computed and masked. TensorFlow's
+    XLA turns a conditional of element-wise ops and reductions into a select of both
+    anyway (its conditional simplifier counts a reduce as cheap), and a loop measured no
+    faster on CPU; JAX keeps a ``lax.cond``, which measured no faster either (that HTGE
+    step 1.42/1.44/1.33× → 1.40/1.45/1.31× float, one process each); and a branch on a
+    GPU would wait for the predicate on the host. Keep collectives out of ``compute``
+    (all-reduce after): ``tf.distribute`` cannot synchronise replicas inside a branch."""
     zeros = list(zeros)
     if keras.backend.backend() != "tensorflow" or in_xla():
         return [ops.where(skip, z, v) for z, v in zip(zeros, compute())]

@@ -84,7 +84,9 @@ def total_sums(*xs):
 def max_abs(x):
     """``max |x|`` over every element (a scalar). Under JAX's XLA:CPU as
     ``max(max x, −min x)``: two reads of ``x`` and no ``|x|`` tensor, which XLA
-    otherwise shares with the other readers of ``|x|`` and writes out."""
+    otherwise shares with the other readers of ``|x|`` and writes out (one ``max|x|``
+    beside an abs-free tie count, ``Σ max(x, p) − p + max(−x, p) − p``, measured
+    slower: DoReFa-2 Dense 2048 step 1.54/1.51× → 1.56/1.61× float)."""
     x = ops.convert_to_tensor(x)
     if ynn_reduces():
         return ops.maximum(ops.max(x), -ops.min(x))

@@ -140,7 +140,10 @@ class Uniform(Quantizer):
 
         Quotients by Δ are taken as products with ``1/Δ`` (here and in ``pre``): XLA
         recomputes a product in each loop that reads it instead of storing it
-        (:func:`~kquant.quantizers.fused.scaled_staircase`)."""
+        (:func:`~kquant.quantizers.fused.scaled_staircase`). ``F'(s)·g`` is written once
+        for the sum and ``∂ℓ/∂x``; evaluating it in each (HTGE's ``tanh`` twice, two
+        fewer passes) measured alike (Dense 2048 HTGE, TensorFlow XLA 1.34/1.33× →
+        1.39/1.33×, JAX CPU 1.49/1.36/1.39× → 1.41/1.33/1.41×, one process each)."""
         if not self._fusable(Uniform) or type(self)._step is not Uniform._step:
             return None
         step = self._step(x, training)
