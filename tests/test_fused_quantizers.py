@@ -262,6 +262,27 @@ def test_compiled_in_graph_not_under_tf_distribute():
     assert seen == [True, False]
 
 
+@pytest.mark.tf_only
+@pytest.mark.parametrize("name, estimator, launches", [
+    ("twn", "ste", 1), ("bitnet", "ste", 1), ("bwn", "ste", 1),   # ∂ℓ/∂W = g·a/d
+    ("twn", "clipped_ste", 2), ("bwn", "clipped_ste", 2), ("dorefa", "ste", 2)])
+def test_graph_without_xla_compiles_a_backward_that_reads_the_kernel(name, estimator, launches):
+    """A TensorFlow graph without XLA compiles the fused forward, and the backward only
+    where it reads the kernel: the STE's ``g·a/d`` of BWN, TWN and BitNet stays a plain
+    product (TensorFlow folds it into the optimizer's ``lr·g``)."""
+    import tensorflow as tf
+
+    def xla_launches(graph):
+        return sum(op.get_attr("_XlaMustCompile") for op in graph.get_operations()
+                   if "_XlaMustCompile" in op.node_def.attr)
+
+    q = kquant.quantizer(name, estimator=estimator)
+    w = np.random.default_rng(0).normal(size=(64, 48)).astype("float32")
+    up = np.random.default_rng(1).normal(size=w.shape).astype("float32")
+    fn = tf.function(_grad_fn(q, up))
+    assert xla_launches(fn.get_concrete_function(tf.constant(w)).graph) == launches
+
+
 def _stats(name, w, axes):
     """NumPy ``(a, d)`` of ``Q = a·step(W/d)`` for BWN (``d = 1``), TWN and BitNet."""
     w = w.astype("float64")
