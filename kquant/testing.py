@@ -93,6 +93,14 @@ def take_step(layer, loss_fn):
                                     [v for _, v in keep])
 
 
+
+def xla_launches(graph) -> int:
+    """XLA-compiled function calls directly in a TensorFlow ``graph`` (ops marked
+    ``_XlaMustCompile``, as :mod:`kquant.xla` compiles a function apart)."""
+    return sum(bool(op.get_attr("_XlaMustCompile")) for op in graph.get_operations()
+               if "_XlaMustCompile" in op.node_def.attr)
+
+
 _TWO_CPUS = """\
 import tensorflow as tf
 tf.config.set_logical_device_configuration(

@@ -9,6 +9,7 @@ from keras import ops
 
 from kquant.alq import ALQConv2D, ALQDense, steps
 from kquant.optimizers import ALQ
+from kquant.testing import xla_launches
 
 B1, B2, EPS = 0.9, 0.999, 1e-8
 
@@ -299,17 +300,6 @@ def _graph_apply(opt, variables):
     return tf.function(lambda *grads: opt.apply(list(grads), variables))
 
 
-def _xla_launches(graph):
-    """XLA-compiled function calls directly in ``graph``."""
-    launches = 0
-    for op in graph.get_operations():
-        try:
-            launches += bool(op.get_attr("_XlaMustCompile"))
-        except ValueError:
-            pass
-    return launches
-
-
 @pytest.mark.tf_only
 def test_graph_update_is_one_xla_launch_equal_to_the_eager_update():
     """A TensorFlow train step without XLA runs the whole ALQ update (every layer, the
@@ -326,7 +316,7 @@ def test_graph_update_is_one_xla_launch_equal_to_the_eager_update():
                 opt.apply(tensors, variables)
             else:
                 fn = _graph_apply(opt, variables)
-                assert _xla_launches(fn.get_concrete_function(*tensors).graph) == 1
+                assert xla_launches(fn.get_concrete_function(*tensors).graph) == 1
                 fn(*tensors)
         results.append([_np(v) for v in variables] + [_np(v) for v in opt.variables])
     for eager, graph in zip(*results):
@@ -377,7 +367,7 @@ def test_training_graph_decodes_the_kernel_in_one_xla_launch():
     np.testing.assert_allclose(want[1], want_tap, rtol=1e-5, atol=1e-5)
     for training, launches in ((True, 1), (False, 0)):
         fn = tf.function(lambda training=training: loss_and_tap_gradient(training))
-        assert _xla_launches(fn.get_concrete_function().graph) == launches
+        assert xla_launches(fn.get_concrete_function().graph) == launches
         got = [_np(v) for v in fn()]
         np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
         np.testing.assert_allclose(got[1], want[1], rtol=1e-5, atol=1e-6)

@@ -10,7 +10,7 @@ import pytest
 from keras import ops
 
 import kquant
-from kquant.testing import take_step
+from kquant.testing import take_step, xla_launches
 from kquant import reductions
 
 pytestmark = pytest.mark.core
@@ -271,10 +271,6 @@ def test_graph_without_xla_compiles_a_backward_that_reads_the_kernel(name, estim
     where it reads the kernel: the STE's ``g·a/d`` of BWN, TWN and BitNet stays a plain
     product (TensorFlow folds it into the optimizer's ``lr·g``)."""
     import tensorflow as tf
-
-    def xla_launches(graph):
-        return sum(op.get_attr("_XlaMustCompile") for op in graph.get_operations()
-                   if "_XlaMustCompile" in op.node_def.attr)
 
     q = kquant.quantizer(name, estimator=estimator)
     w = np.random.default_rng(0).normal(size=(64, 48)).astype("float32")
