@@ -525,6 +525,14 @@ def test_cli_benchmark_times_help_without_heavy_imports(tiny_run):
     assert rows["kquant --help"]["argv"] in ("kquant --help", f"{pathlib.Path(sys.executable).name}"
                                                              " -m kquant.cli --help")
     assert cli.COMMANDS["kquant --help"][-1] == "--help"
+    assert all(r["runs"] == 1 for r in rows.values())   # tiny: one start-up each, a smoke test
+
+
+def test_cli_benchmark_refuses_fewer_than_one_run():
+    from kquant.benchmarks import cli
+
+    with pytest.raises(ValueError, match=r"cli: option `runs` must be at least 1, got 0"):
+        cli.run(common.BenchConfig(tiny=True, options={"runs": "0"}))
 
 
 def test_out_dir_is_checked_before_any_benchmark_runs(fake_suite, tmp_path, monkeypatch):

@@ -6,7 +6,7 @@ is the installed console script beside this interpreter (``python -m kquant.cli
 Keras nor a backend (the row says which it imported; the package and the CLI
 import lazily); ``import kquant`` registers kquant's Keras-serializable classes
 (so that ``keras.saving.load_model`` works after it) and so loads Keras and the
-backend by design. Runs: 3 (tiny), 10 (quick), 30 (full); ``kquant estimators``
+backend by design. Runs: 1 (tiny: a smoke test), 10 (quick), 30 (full); ``kquant estimators``
 (which loads Keras and the backend) only at ``--full`` or with
 ``-o estimators=true``.
 """
@@ -74,7 +74,9 @@ def imported_packages(args) -> set[str]:
 
 
 def run(cfg):
-    runs = int(cfg.option("runs", 3 if cfg.tiny else 10 if cfg.quick else 30))
+    runs = int(cfg.option("runs", 1 if cfg.tiny else 10 if cfg.quick else 30))
+    if runs < 1:
+        raise ValueError(f"cli: option `runs` must be at least 1, got {runs}.")
     commands = dict(COMMANDS)
     if not cfg.option("estimators", not (cfg.tiny or cfg.quick)):
         # `kquant estimators` imports Keras and a backend (seconds a run): --full or -o estimators=true
