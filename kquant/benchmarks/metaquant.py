@@ -12,7 +12,11 @@ interleaved with its STE twin in this one process (paper: MultiFC ×1.34 per
 iteration over DoReFa+STE on ResNet). ``meta_net_ms`` is the meta network's own
 forward and ``∂/∂φ`` on the model's meta coordinates, timed alone (XLA), and
 ``floor_vs_ste`` = (STE step + that) / STE step: the least a step can cost (LSTMFC's
-``[n, h]·[h, 4h]`` products dominate it).
+``[n, h]·[h, 4h]`` products dominate it). For LSTMFC, ``products_ms`` times those two
+products alone, the fastest of XLA, the backend's own matmul and NumPy's BLAS
+(:func:`kquant_metaquant.cost.products_seconds`), and ``products_floor_vs_ste`` =
+(STE step + that) / STE step: the float32 arithmetic's own floor on this machine,
+whatever the implementation of the rest.
 
 Options (``-o KEY=VALUE``): ``model`` (default ``small_convnet``),
 ``quantizers`` (``dorefa,bwn``), ``optimizers`` (``sgd,adam``), ``variants``
@@ -69,7 +73,8 @@ JIT_MODES = {"on": True, "off": False, "auto": "auto"}
 LEARNING_RATES = {("bwn", "sgd"): 1e-2}
 
 COLUMNS = ["quantizer", "optimizer", "variant", "meta_network", "jit", "lr", "test_acc",
-           "train_loss", "acc_vs_ste", "step_ms", "time_vs_ste", "meta_net_ms", "floor_vs_ste"]
+           "train_loss", "acc_vs_ste", "step_ms", "time_vs_ste", "meta_net_ms", "floor_vs_ste",
+           "products_ms", "products_floor_vs_ste"]
 
 #: variant -> (estimator name, extra estimator config); ``multifc_bias`` is our fix of the
 #: paper's bias-free MultiFC, which cannot descend on signed W̃ (BWN); ``fcgrad_identity``
@@ -92,16 +97,19 @@ def describe(model):
 
 
 def meta_network_ms(model):
-    """ms of the meta network's own forward and ``∂/∂φ`` on all of ``model``'s meta
-    coordinates (XLA; :func:`kquant_metaquant.cost.meta_network_seconds`), or ``None``."""
+    """``(network, products)``: ms of the meta network's own forward and ``∂/∂φ`` on all
+    of ``model``'s meta coordinates (XLA), and of its ``[n, h]·[h, 4h]`` products alone
+    (:mod:`kquant_metaquant.cost`); ``None`` where there is no meta network or no such
+    product."""
     net = getattr(model, "meta_network", None)
     if net is None:
-        return None
+        return None, None
     from kquant_metaquant import find_meta_kernels
-    from kquant_metaquant.cost import meta_network_seconds
+    from kquant_metaquant.cost import meta_network_seconds, products_seconds
 
     n = sum(int(np.prod(k.kernel.shape)) for k in find_meta_kernels(model.model))
-    return 1e3 * meta_network_seconds(net, n)
+    products = products_seconds(net, n)
+    return 1e3 * meta_network_seconds(net, n), None if products is None else 1e3 * products
 
 
 def _list(value):
@@ -187,7 +195,9 @@ def run(cfg):
             # short turns: a load change on a shared machine hits all alike
             times = compare_step_times(models, x, y, cfg.batch_size, steps=steps,
                                        rounds=max(1, steps // 6))
-            own = {variant: meta_network_ms(models[variant]) for variant in models}
+            own, products = {}, {}
+            for variant in models:
+                own[variant], products[variant] = meta_network_ms(models[variant])
             ste_ms = 1e3 * times["ste"]
             for variant in models:
                 rows.append({
@@ -200,6 +210,10 @@ def run(cfg):
                     # the least a step can cost: STE's step plus the meta network's own work
                     "meta_net_ms": own[variant],
                     "floor_vs_ste": None if own[variant] is None else (ste_ms + own[variant]) / ste_ms,
+                    # ... and the least its float32 products alone allow (LSTMFC)
+                    "products_ms": products[variant],
+                    "products_floor_vs_ste": (None if products[variant] is None
+                                              else (ste_ms + products[variant]) / ste_ms),
                 })
 
     def plot(path):

@@ -5,7 +5,9 @@ through it. :func:`meta_network_seconds` times just that, XLA-compiled, on ``n``
 random coordinates: for LSTMFC the products ``h_prev·W_hh`` and ``h_prevᵀ·δgates``
 (``[n, h]·[h, 4h]``, ``8h²`` multiply-adds per coordinate) and the ``[n, 4h]``
 element-wise passes between them. A step of the quantized model costs at least its
-STE step plus this.
+STE step plus this. :func:`products_seconds` times LSTMFC's two products alone: no
+implementation of its step in float32 on that machine costs less than the STE step
+plus them.
 """
 
 from __future__ import annotations
@@ -51,3 +53,40 @@ def meta_network_seconds(network, n, repeats=20, seed=0):
         run()
         times.append(time.perf_counter() - start)
     return float(np.median(times))
+
+
+def products_seconds(network, n, repeats=20, seed=0):
+    """Median seconds of a recurrent meta network's two ``[n, h]·[h, 4h]`` products
+    alone: the forward ``h_prev·W_hh`` and ``∂W_hh = h_prevᵀ·δgates`` (``2·n·h·4h``
+    multiply-adds), the fastest of three ways to compute them on this machine: XLA,
+    the backend's own matmul, NumPy's BLAS. ``None`` for a network without a
+    recurrent state (FCGrad, MultiFC: O(n·h) work, no such product)."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"`n` must be a positive integer, got {n!r}.")
+    if not network.state_count:
+        return None
+    h = network.hidden
+    rng = np.random.default_rng(seed)
+    arrays = [rng.normal(size=shape).astype("float32")
+              for shape in ((n, h), (h, 4 * h), (n, 4 * h))]
+    tensors = [ops.convert_to_tensor(a) for a in arrays]
+
+    def products(h_prev, w_hh, d_gates):   # both outputs whole: nothing for XLA to drop
+        return ops.matmul(h_prev, w_hh), ops.matmul(ops.transpose(h_prev), d_gates)
+
+    compiled = xla(products)
+    ways = {   # each waits for its result: the small output of one executable or op chain
+        "xla": lambda: ops.convert_to_numpy(compiled(*tensors)[1]),
+        "backend": lambda: ops.convert_to_numpy(products(*tensors)[1]),
+        "numpy": lambda: (arrays[0] @ arrays[1], arrays[0].T @ arrays[2]),
+    }
+    best = float("inf")
+    for run in ways.values():
+        run()   # compile, warm the caches
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - start)
+        best = min(best, float(np.median(times)))
+    return best

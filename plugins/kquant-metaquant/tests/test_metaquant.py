@@ -395,6 +395,9 @@ def test_benchmark_rows_train_the_labelled_meta_network(tmp_path):
     assert rows["ste"]["meta_net_ms"] is None and rows["multifc_bias"]["meta_net_ms"] > 0
     assert rows["multifc_bias"]["floor_vs_ste"] == pytest.approx(
         1 + rows["multifc_bias"]["meta_net_ms"] / rows["ste"]["step_ms"])
+    # no [n, h]·[h, 4h] product in an FC meta network: no products floor
+    assert rows["ste"]["products_ms"] is rows["multifc_bias"]["products_ms"] is None
+    assert rows["multifc_bias"]["products_floor_vs_ste"] is None
 
 
 # -- where users run it: XLA, restarts, bad batches -------------------------------------
@@ -533,3 +536,17 @@ def test_meta_network_cost_runs_the_network_and_checks_its_size():
     assert 0 < meta_network_seconds(net, 50, repeats=2) < 60
     with pytest.raises(ValueError, match="`n` must be a positive integer"):
         meta_network_seconds(net, 0)
+
+
+@needs_train_step
+def test_products_floor_times_lstmfc_products_and_nothing_for_fc_networks():
+    from kquant.benchmarks.metaquant import meta_network_ms
+    from kquant_metaquant.cost import products_seconds
+
+    assert 0 < products_seconds(kmq.build_meta_network("lstmfc", hidden=4), 50, repeats=2) < 60
+    for kind in ("fcgrad", "multifc"):
+        assert products_seconds(kmq.build_meta_network(kind, hidden=4), 50) is None
+    with pytest.raises(ValueError, match="`n` must be a positive integer"):
+        products_seconds(kmq.build_meta_network("lstmfc", hidden=4), 0)
+    own, products = meta_network_ms(_lstmfc())   # the benchmark's columns for an LSTMFC row
+    assert own > 0 and products > 0
