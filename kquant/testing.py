@@ -93,7 +93,6 @@ def take_step(layer, loss_fn):
                                     [v for _, v in keep])
 
 
-
 def xla_launches(graph) -> int:
     """XLA-compiled function calls directly in a TensorFlow ``graph`` (ops marked
     ``_XlaMustCompile``, as :mod:`kquant.xla` compiles a function apart)."""

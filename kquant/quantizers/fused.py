@@ -68,9 +68,9 @@ def one_input(forward, backward, x, training, extra=(), identity=False, compile_
     pure, compiled for training graphs (:func:`compiled_in_graph`), but for a backward
     that is ``g`` times saved statistics (``compile_backward=False``): one plain product,
     which TensorFlow folds into the optimizer's ``lr·g`` where it is a scalar; an XLA
-    launch is one more pass over the kernel (TWN and BitNet with the STE, Dense 2048 train step without
-    ``jit_compile``, 3 interleaved runs of 180–240 steps on 2 CPU cores: TWN 1.22–1.25×
-    → 1.17–1.19× float, BitNet 1.15–1.23× → 1.09–1.15×)."""
+    launch is one more pass over the kernel (TWN and BitNet with the STE, Dense 2048
+    train step without ``jit_compile``, 3 interleaved runs of 180–240 steps on 2 CPU
+    cores: TWN 1.22–1.25× → 1.17–1.19× float, BitNet 1.15–1.23× → 1.09–1.15×)."""
     forward = compiled_in_graph(forward, training)
     if compile_backward:
         backward = compiled_in_graph(backward, training)

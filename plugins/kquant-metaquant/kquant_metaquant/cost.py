@@ -21,10 +21,26 @@ from keras import ops
 from kquant_metaquant._backend import backend_value_and_grad, xla
 
 
-def meta_network_seconds(network, n, repeats=20, seed=0):
-    """Median seconds of ``M_φ``'s forward and ``∂/∂φ`` (XLA) on ``n`` coordinates."""
+def _check_size(n):
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"`n` must be a positive integer, got {n!r}.")
+
+
+def _median_seconds(run, repeats):
+    """Median wall time of ``run()`` over ``repeats`` calls after one that compiles and
+    warms the caches."""
+    run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def meta_network_seconds(network, n, repeats=20, seed=0):
+    """Median seconds of ``M_φ``'s forward and ``∂/∂φ`` (XLA) on ``n`` coordinates."""
+    _check_size(n)
     rng = np.random.default_rng(seed)
     grad, soft, up = (ops.convert_to_tensor(rng.normal(size=n).astype("float32")) for _ in range(3))
     state = tuple(ops.convert_to_tensor(0.1 * rng.normal(size=(n, network.state_width))
@@ -46,13 +62,7 @@ def meta_network_seconds(network, n, repeats=20, seed=0):
     def run():
         return float(ops.convert_to_numpy(step(values)))
 
-    run()   # compile
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+    return _median_seconds(run, repeats)
 
 
 def products_seconds(network, n, repeats=20, seed=0):
@@ -61,8 +71,7 @@ def products_seconds(network, n, repeats=20, seed=0):
     multiply-adds), the fastest of three ways to compute them on this machine: XLA,
     the backend's own matmul, NumPy's BLAS. ``None`` for a network without a
     recurrent state (FCGrad, MultiFC: O(n·h) work, no such product)."""
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"`n` must be a positive integer, got {n!r}.")
+    _check_size(n)
     if not network.state_count:
         return None
     h = network.hidden
@@ -80,13 +89,4 @@ def products_seconds(network, n, repeats=20, seed=0):
         "backend": lambda: ops.convert_to_numpy(products(*tensors)[1]),
         "numpy": lambda: (arrays[0] @ arrays[1], arrays[0].T @ arrays[2]),
     }
-    best = float("inf")
-    for run in ways.values():
-        run()   # compile, warm the caches
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            run()
-            times.append(time.perf_counter() - start)
-        best = min(best, float(np.median(times)))
-    return best
+    return min(_median_seconds(run, repeats) for run in ways.values())
